@@ -1,0 +1,125 @@
+"""Command line: ``hmf`` (models, simulate, plot) for researchers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cloud.config import PRESETS, RunConfig, resolve
+from cloud.strategies import STRATEGIES
+from common.models import NUM_BLOCKS, SPECS, build_model, macs_per_sample, param_count
+
+DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+
+
+def _opt(name: str, help_text: str, **kw: Any):
+    """An option whose absence means 'not given' (so presets and config files can fill it);
+    the help shows RunConfig's default."""
+    default = DEFAULTS.get(name.replace("-", "_"))
+    shown = f" [default: {default}]" if default is not None else ""
+    return click.option(f"--{name}", default=None, help=help_text + shown, **kw)
+
+
+@click.group()
+def hmf() -> None:
+    """HypeMeFed for heterogeneous device fleets: models, simulation and plots."""
+
+
+@hmf.command()
+@click.option("--model", "names", multiple=True, type=click.Choice(list(SPECS)),
+              help="Model to describe (repeatable); default: all.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model, per line.")
+def models(names: tuple[str, ...], as_json: bool) -> None:
+    """Per tier: parameters, multiply-accumulates per sample and fp32 bytes."""
+    for name in names or SPECS:
+        tiers = []
+        for tier in range(1, NUM_BLOCKS + 1):
+            m = build_model(name, depth=tier)
+            tiers.append({"tier": tier, "params": param_count(m), "macs": macs_per_sample(m),
+                          "bytes": sum(t.numel() * t.element_size()
+                                       for t in m.state_dict().values())})
+        if as_json:
+            click.echo(json.dumps({"model": name, "tiers": tiers}))
+            continue
+        spec = SPECS[name]
+        click.echo(f"{name}: input {'x'.join(map(str, spec.input_shape))}, "
+                   f"{spec.num_classes} classes, widths {'/'.join(map(str, spec.widths))}")
+        for t in tiers:
+            click.echo(f"  tier {t['tier']}: {t['params']:>10,} params  {t['macs']:>14,} MACs  "
+                       f"{t['bytes'] / 2**20:8.2f} MiB fp32")
+
+
+@hmf.command()
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="The authors' settings for svhn, stl10 or unimib (method.md).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file of settings (keys = flag names); flags given override it.")
+@_opt("model", "Model and dataset.", type=click.Choice(list(SPECS)))
+@_opt("data-dir", "Directory holding the dataset's files (hapt: the shipped copy if omitted).")
+@_opt("strategy", "Aggregation strategy.", type=click.Choice(list(STRATEGIES)))
+@_opt("hypernet", "Hypernetwork kind (hypemefed).", type=click.Choice(["lrf", "naive"]))
+@_opt("rank", "LRF rank, clipped to the weight matrix.", type=int)
+@_opt("hidden", "Hypernetwork hidden size (lrf 512, naive 64 if unset).", type=int)
+@_opt("hypernet-epochs", "Hypernetwork epochs per round.", type=int)
+@_opt("hypernet-lr", "Hypernetwork Adam learning rate.", type=float)
+@_opt("rounds", "Rounds.", type=int)
+@_opt("clients", "Clients in the federation.", type=int)
+@_opt("participants", "Participants per round.", type=int)
+@_opt("tier-mix", "Fractions of tiers 1,2,3, e.g. 0.3,0.4,0.3.")
+@_opt("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
+@_opt("alpha", "Dirichlet concentration.", type=float)
+@_opt("local-epochs", "Local epochs per round.", type=int)
+@_opt("batch-size", "Local batch size.", type=int)
+@_opt("lr", "Local Adam learning rate.", type=float)
+@_opt("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"]))
+@_opt("seed", "Seed of everything random.", type=int)
+@_opt("device", "Torch device.", type=click.Choice(["cpu", "cuda"]))
+@_opt("eval-every", "Evaluate every N rounds (and the last).", type=int)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/simulate",
+              show_default=True, help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+def simulate(preset: str | None, config_file: str | None, out: str, resume: bool,
+             **flags: Any) -> None:
+    """Run federated training in one process (with no flags: HAPT by subject, minutes on a CPU)."""
+    from cloud.simulation import Simulation
+    from common.data import DataError
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if "tier_mix" in overrides:
+        try:
+            overrides["tier_mix"] = tuple(float(f) for f in overrides["tier_mix"].split(","))
+        except ValueError:
+            raise click.BadParameter("three comma-separated fractions, e.g. 0.3,0.4,0.3",
+                                     param_hint="--tier-mix") from None
+    try:
+        cfg = resolve(preset, config_file, overrides)
+        click.echo(f"hmf simulate: {cfg.strategy} on {cfg.model}, {cfg.clients} clients, "
+                   f"{cfg.participants} a round, {cfg.rounds} rounds -> {out}")
+        Simulation(cfg, out, log=click.echo).run(resume=resume)
+    except (ValueError, DataError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"done: {Path(out) / 'summary.json'}")
+
+
+@hmf.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--title", default=None, help="Figure title.")
+def plot(run_dirs: tuple[str, ...], out: str, title: str | None) -> None:
+    """Global accuracy per round at every exit, one line per run."""
+    from cloud.plot import plot_runs
+
+    try:
+        plot_runs([Path(d) for d in run_dirs], Path(out), title)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(hmf())

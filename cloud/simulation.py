@@ -1,0 +1,132 @@
+"""``hmf simulate``: the whole algorithm in one process, the reference for the real fleet."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from cloud.config import RunConfig
+from cloud.evaluation import evaluate
+from cloud.federation import Federation, seed_of
+from cloud.runlog import RunLog
+from cloud.strategies import ClientTask, ClientUpdate, Strategy, build_strategy
+from common.data import load_dataset
+from common.models import State, build_model
+from common.training import TrainConfig, train_task
+
+
+def state_bytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def strategy_for(cfg: RunConfig) -> Strategy:
+    return build_strategy(cfg.strategy, cfg.model, weighting=cfg.weighting, hypernet=cfg.hypernet,
+                          rank=cfg.rank, hidden=cfg.hidden, epochs=cfg.hypernet_epochs,
+                          lr=cfg.hypernet_lr, seed=cfg.seed)
+
+
+def initial_state(cfg: RunConfig) -> State:
+    torch.manual_seed(seed_of(cfg.seed, 0))
+    return {k: v.clone() for k, v in build_model(cfg.model).state_dict().items()}
+
+
+class Simulation:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.out, self.log = cfg, Path(out_dir), log
+        data = load_dataset(cfg.model, cfg.data_dir)
+        self.x, self.y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+        self.test = None
+        if data.test_x is not None:
+            self.test = (torch.from_numpy(data.test_x), torch.from_numpy(data.test_y))
+        self.fed = Federation.build(data, cfg.clients, cfg.participants, cfg.tier_mix,
+                                    cfg.partition, cfg.alpha, cfg.seed, cfg.min_size)
+        self.strategy = strategy_for(cfg)
+        self.train_cfg = TrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr)
+        self.device = torch.device(cfg.device)
+        self.x_dev, self.y_dev = self.x.to(self.device), self.y.to(self.device)
+
+    def train_client(self, global_state: State, task: ClientTask, server_round: int
+                     ) -> ClientUpdate:
+        module, state = self.strategy.submodel(global_state, task)
+        idx = torch.from_numpy(self.fed.train[task.client])
+        trained, loss = train_task(module.to(self.device), state, self.x_dev[idx],
+                                   self.y_dev[idx], self.train_cfg,
+                                   seed_of(self.cfg.seed, 5, server_round, task.client))
+        return ClientUpdate(task, len(idx), trained, loss)
+
+    def round(self, global_state: State, server_round: int) -> tuple[State, dict[str, Any]]:
+        start = time.perf_counter()
+        tasks = self.strategy.tasks(self.fed.participants(self.cfg.seed, server_round))
+        updates, down = [], 0
+        for task in tasks:
+            down += state_bytes(self.strategy.submodel(global_state, task)[1])
+            updates.append(self.train_client(global_state, task, server_round))
+        server_start = time.perf_counter()
+        new_state, server_metrics = self.strategy.aggregate(global_state, updates, server_round)
+        server_s = time.perf_counter() - server_start
+        losses = [u.train_loss for u in updates]
+        row: dict[str, Any] = {
+            "round": server_round, "strategy": self.strategy.name,
+            "participants": {str(t): sum(1 for u in updates if u.task.tier == t) for t in (1, 2, 3)},
+            "server_s": server_s, "hypernet_s": server_metrics.pop("hypernet_s", 0.0),
+            "bytes_down": down, "bytes_up": sum(state_bytes(u.state) for u in updates),
+            "train_loss": float(np.mean(losses)) if losses else None,
+            **server_metrics,
+        }
+        if not updates:
+            row["note"] = "no participant could train this strategy's model: global unchanged"
+        if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
+            row["acc"] = evaluate(self.cfg.model, new_state, self.x, self.y, self.fed,
+                                  self.strategy.evaluated_exits(), self.test, str(self.device))
+        row["elapsed_s"] = time.perf_counter() - start
+        return new_state, row
+
+    def run(self, resume: bool = False) -> list[dict[str, Any]]:
+        first, state = 1, initial_state(self.cfg)
+        if resume and (self.out / CHECKPOINT).exists():
+            done, state, meta = load_checkpoint(self.out, self.strategy)
+            _check_same_run(meta["config"], self.cfg.to_json())
+            first = done + 1
+            self.log(f"resuming {self.out} after round {done}")
+        elif resume:
+            self.log(f"no checkpoint in {self.out}: starting from round 1")
+        runlog = RunLog(self.out, self.cfg.to_json(), resume_round=first - 1)
+        for r in range(first, self.cfg.rounds + 1):
+            state, row = self.round(state, r)
+            save_checkpoint(self.out, r, state, self.strategy, self.cfg.to_json())
+            runlog.append(row)
+            self.log(format_round(row, self.cfg.rounds))
+        return runlog.rows
+
+
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Resuming with other settings would silently mix two experiments: refuse, except for
+    settings that do not change what a round computes."""
+    free = {"rounds", "device", "eval_every", "data_dir"}
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in free and saved.get(k) != v}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"--resume with settings that differ from the checkpoint ({lines}); "
+                         "use the original settings or a new --out")
+
+
+def format_round(row: dict[str, Any], rounds: int) -> str:
+    parts = [f"round {row['round']:>3}/{rounds}", f"{row['elapsed_s']:6.1f}s",
+             f"server {row['server_s']:5.2f}s"]
+    if row.get("train_loss") is not None:
+        parts.append(f"loss {row['train_loss']:.3f}")
+    if "acc" in row:
+        acc = row["acc"]
+        fmt = lambda d: " ".join(f"{k}:{v:.3f}" if v is not None else f"{k}:-"  # noqa: E731
+                                 for k, v in d.items())
+        parts += [f"global[{fmt(acc['global'])}]", f"tier[{fmt(acc['tier'])}]"]
+    if "note" in row:
+        parts.append(f"({row['note']})")
+    return "  ".join(parts)

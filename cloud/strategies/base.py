@@ -1,0 +1,69 @@
+"""What every aggregation strategy provides, to the simulator and to the MQTT cloud alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cloud.aggregation import average_states
+from common.models import NUM_BLOCKS, State, build_model, tier_state
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What one participant trains this round: a submodel of ``depth`` blocks at a width."""
+
+    client: int
+    tier: int
+    depth: int
+    width_fraction: float = 1.0
+
+
+@dataclass
+class ClientUpdate:
+    """A trained submodel coming back; ``state`` uses the global model's tensor names."""
+
+    task: ClientTask
+    num_samples: int
+    state: State
+    train_loss: float = float("nan")
+
+
+@dataclass
+class Strategy:
+    """Depth-wise averaging by name by default; subclasses change who trains what and how it is merged."""
+
+    model: str
+    weighting: str = "uniform"  # or "samples"
+    name: str = field(default="base", init=False)
+
+    def tasks(self, participants: list[tuple[int, int]]) -> list[ClientTask]:
+        """(client, tier) pairs -> what each trains; the default: its own tier's depth."""
+        return [ClientTask(c, t, t) for c, t in participants]
+
+    def submodel(self, global_state: State, task: ClientTask) -> tuple[torch.nn.Module, State]:
+        """The module a client builds and the state sent to it."""
+        module = build_model(self.model, depth=task.depth, width_fraction=task.width_fraction)
+        return module, tier_state(global_state, task.depth)
+
+    def weight(self, update: ClientUpdate) -> float:
+        return float(update.num_samples) if self.weighting == "samples" else 1.0
+
+    def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
+                  ) -> tuple[State, dict[str, Any]]:
+        """New global state from this round's updates, and metrics worth logging."""
+        contributions = [(u.state, self.weight(u)) for u in updates]
+        return average_states(global_state, contributions), {}
+
+    def evaluated_exits(self) -> int:
+        """How many exits of the global model this strategy trains."""
+        return NUM_BLOCKS
+
+    # Checkpointing of server-side state (hypernetworks); stateless strategies have none.
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,58 @@
+"""HeteroFL (Diao et al., ICLR 2021) on the multi-exit VGG: every client holds the full depth,
+all exits, but only a leading fraction of the channels of every layer. Each element of a tensor
+is averaged over the clients whose slice covers it.
+
+Tier k's width fraction is chosen so that its parameter count is as close as possible to the
+depth-wise tier k's (``tier_width_fractions``); for the svhn model that is about 0.28 / 0.52 / 1.0
+(run ``hmf models`` for all). BatchNorm running statistics are sliced and averaged like weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from cloud.strategies.base import ClientTask, Strategy
+from common.models import NUM_BLOCKS, State, build_model, param_count
+
+
+def _params(model: str, depth: int, fraction: float) -> int:
+    return param_count(build_model(model, depth=depth, width_fraction=fraction))
+
+
+@lru_cache(maxsize=None)
+def tier_width_fractions(model: str) -> tuple[float, ...]:
+    """Per tier, the width fraction of the full-depth model closest in parameters to that tier."""
+    widest = build_model(model).spec.widths[-1]
+    fractions = []
+    for tier in range(1, NUM_BLOCKS + 1):
+        budget = _params(model, tier, 1.0)
+        lo, hi = 1, widest  # search over channel counts of the last block: params grow with it
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if _params(model, NUM_BLOCKS, mid / widest) < budget else (lo, mid)
+        below = max(lo - 1, 1)
+        best = min((below, lo), key=lambda c: abs(_params(model, NUM_BLOCKS, c / widest) - budget))
+        fractions.append(best / widest)
+    return tuple(fractions)
+
+
+def slice_state(global_state: State, shapes: dict[str, torch.Size]) -> State:
+    """The leading slice of every global tensor that fits the submodel's shapes."""
+    return {k: global_state[k][tuple(slice(0, n) for n in s)].clone() for k, s in shapes.items()}
+
+
+@dataclass
+class HeteroFL(Strategy):
+    name: str = field(default="heterofl", init=False)
+
+    def tasks(self, participants: list[tuple[int, int]]) -> list[ClientTask]:
+        fractions = tier_width_fractions(self.model)
+        return [ClientTask(c, t, NUM_BLOCKS, fractions[t - 1]) for c, t in participants]
+
+    def submodel(self, global_state: State, task: ClientTask) -> tuple[torch.nn.Module, State]:
+        module = build_model(self.model, depth=task.depth, width_fraction=task.width_fraction)
+        shapes = {k: v.shape for k, v in module.state_dict().items()}
+        return module, slice_state(global_state, shapes)

@@ -1,0 +1,106 @@
+"""Named tensors as bytes, with no code in them: checkpoints on disk and weights on the wire.
+
+Layout (like safetensors): 8-byte little-endian header length, a UTF-8 JSON header, then the raw
+little-endian tensor bytes. The header holds ``{"tensors": {name: {"dtype", "shape", "offset",
+"nbytes"}}, "meta": {...}}``. Decoding checks every field before touching the data, so a corrupt
+or hostile blob raises ``TensorFileError`` and never runs code (nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
+          "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
+_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 64 * 1024 * 1024
+# Raw bytes are written in the host's order; every board we target (x86-64, aarch64) is little.
+assert sys.byteorder == "little", "hmf's tensor files assume a little-endian host"
+
+
+class TensorFileError(ValueError):
+    """A blob that is not a well-formed tensor file."""
+
+
+def encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
+    """Serialise ``tensors`` (any device, contiguous or not) and a JSON-able ``meta``."""
+    header: dict[str, Any] = {"tensors": {}, "meta": meta or {}}
+    chunks, offset = [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} is not supported")
+        data = t.detach().cpu().contiguous().numpy().tobytes()
+        header["tensors"][name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                                   "offset": offset, "nbytes": len(data)}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of ``encode``; raises ``TensorFileError`` naming what is wrong."""
+    if len(blob) < 8:
+        raise TensorFileError("blob shorter than its 8-byte header length")
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    if hlen > min(MAX_HEADER, len(blob) - 8):
+        raise TensorFileError(f"header length {hlen} exceeds the blob ({len(blob)} bytes)")
+    try:
+        header = json.loads(blob[8 : 8 + hlen])
+        entries, meta = header["tensors"], header["meta"]
+        if not isinstance(entries, dict) or not isinstance(meta, dict):
+            raise TypeError("tensors and meta must be objects")
+    except (ValueError, KeyError, TypeError) as e:
+        raise TensorFileError(f"malformed header: {e}") from None
+    data, tensors = memoryview(blob)[8 + hlen :], {}
+    for name, e in entries.items():
+        tensors[name] = _tensor(name, e, data)
+    return tensors, meta
+
+
+def _tensor(name: str, e: Any, data: memoryview) -> torch.Tensor:
+    try:
+        dtype, shape, offset, nbytes = DTYPES[e["dtype"]], e["shape"], e["offset"], e["nbytes"]
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError("bad shape")
+        if not (isinstance(offset, int) and isinstance(nbytes, int) and offset >= 0):
+            raise ValueError("bad offset")
+    except (KeyError, TypeError, ValueError) as err:
+        raise TensorFileError(f"tensor {name!r}: malformed entry ({err})") from None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if nbytes != itemsize * int(np.prod(shape, dtype=np.int64)) or offset + nbytes > len(data):
+        raise TensorFileError(f"tensor {name!r}: {nbytes} bytes at {offset} do not fit "
+                              f"shape {shape} {e['dtype']} in {len(data)} data bytes")
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    arr = np.frombuffer(data, dtype=np_dtype, count=nbytes // itemsize, offset=offset)
+    return torch.from_numpy(arr.copy()).reshape(shape)
+
+
+def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+         meta: dict[str, Any] | None = None) -> None:
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode(tensors, meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return decode(Path(path).read_bytes())

@@ -7,10 +7,11 @@ The defaults are the no-flag demo: HAPT by subject, small enough to finish in mi
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 @dataclass

@@ -74,7 +74,7 @@ class Simulation:
         losses = [u.train_loss for u in updates]
         row: dict[str, Any] = {
             "round": server_round, "strategy": self.strategy.name,
-            "participants": {str(t): sum(1 for u in updates if u.task.tier == t) for t in (1, 2, 3)},
+            "participants": {str(t): sum(u.task.tier == t for u in updates) for t in (1, 2, 3)},
             "server_s": server_s, "hypernet_s": server_metrics.pop("hypernet_s", 0.0),
             "bytes_down": down, "bytes_up": sum(state_bytes(u.state) for u in updates),
             "train_loss": float(np.mean(losses)) if losses else None,

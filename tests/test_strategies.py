@@ -75,7 +75,8 @@ def test_generated_weights_reach_the_aggregate():
     new, metrics = s.aggregate(g, [shallow, deep], 1)
     assert metrics["hypernet_pairs"] == {t: 1 for _, t in transitions()}
     with torch.no_grad():
-        gen2 = s.generator_for("blocks.1.conv1.weight").eval()(shallow.state["blocks.0.conv1.weight"])
+        block1 = shallow.state["blocks.0.conv1.weight"]
+        gen2 = s.generator_for("blocks.1.conv1.weight").eval()(block1)
         gen3 = s.generator_for("blocks.2.conv1.weight").eval()(gen2)  # chained from generated
     torch.testing.assert_close(new["blocks.1.conv1.weight"],
                                (deep.state["blocks.1.conv1.weight"] + gen2) / 2)
@@ -138,7 +139,8 @@ def test_heterofl_slices_and_elementwise_average():
     new, _ = s.aggregate(g, [small, big], 1)
     name = "blocks.1.conv1.weight"
     co, ci = small.state[name].shape[:2]
-    torch.testing.assert_close(new[name][:co, :ci], (small.state[name] + big.state[name][:co, :ci]) / 2)
+    both = (small.state[name] + big.state[name][:co, :ci]) / 2
+    torch.testing.assert_close(new[name][:co, :ci], both)
     torch.testing.assert_close(new[name][co:], big.state[name][co:])
 
 

@@ -33,7 +33,7 @@ class ClientUpdate:
 
 @dataclass
 class Strategy:
-    """Depth-wise averaging by name by default; subclasses change who trains what and how it is merged."""
+    """Depth-wise averaging by name by default; subclasses change who trains what and how."""
 
     model: str
     weighting: str = "uniform"  # or "samples"

@@ -10,7 +10,7 @@ depth-wise tier k's (``tier_width_fractions``); for the svhn model that is about
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -22,7 +22,7 @@ def _params(model: str, depth: int, fraction: float) -> int:
     return param_count(build_model(model, depth=depth, width_fraction=fraction))
 
 
-@lru_cache(maxsize=None)
+@cache
 def tier_width_fractions(model: str) -> tuple[float, ...]:
     """Per tier, the width fraction of the full-depth model closest in parameters to that tier."""
     widest = build_model(model).spec.widths[-1]
@@ -32,7 +32,8 @@ def tier_width_fractions(model: str) -> tuple[float, ...]:
         lo, hi = 1, widest  # search over channel counts of the last block: params grow with it
         while lo < hi:
             mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if _params(model, NUM_BLOCKS, mid / widest) < budget else (lo, mid)
+            small = _params(model, NUM_BLOCKS, mid / widest) < budget
+            lo, hi = (mid + 1, hi) if small else (lo, mid)
         below = max(lo - 1, 1)
         best = min((below, lo), key=lambda c: abs(_params(model, NUM_BLOCKS, c / widest) - budget))
         fractions.append(best / widest)

@@ -60,12 +60,16 @@ class HypeMeFed(Strategy):
         self.hypernets = torch.nn.ModuleDict()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.rounds_trained: dict[str, int] = {}
-        for source, target in transitions():
-            key = _key(target)
-            self.hypernets[key] = build_hypernet(self.hypernet, shapes[source], shapes[target],
-                                                 rank=self.rank, hidden=self.hidden)
-            self.optimizers[key] = torch.optim.Adam(self.hypernets[key].parameters(), lr=self.lr)
-            self.rounds_trained[key] = 0
+        with torch.random.fork_rng(devices=[]):  # same seed, same initial hypernetworks
+            torch.manual_seed(self.seed)
+            for source, target in transitions():
+                self._add_hypernet(_key(target), shapes[source], shapes[target])
+
+    def _add_hypernet(self, key: str, source_shape: tuple, target_shape: tuple) -> None:
+        self.hypernets[key] = build_hypernet(self.hypernet, source_shape, target_shape,
+                                             rank=self.rank, hidden=self.hidden)
+        self.optimizers[key] = torch.optim.Adam(self.hypernets[key].parameters(), lr=self.lr)
+        self.rounds_trained[key] = 0
 
     def generator_for(self, target: str) -> torch.nn.Module:
         return self.hypernets[_key(target)]

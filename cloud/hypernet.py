@@ -100,6 +100,15 @@ def build_hypernet(kind: str, source_shape: ConvShape, target_shape: ConvShape, 
                            hidden=hidden or DEFAULT_HIDDEN[kind])
 
 
+@torch.no_grad()
+def relative_error(hypernet: nn.Module, sources: list[torch.Tensor],
+                   targets: list[torch.Tensor]) -> float:
+    """Mean over pairs of ||generated - target|| / ||target||: 1.0 is as bad as generating zeros."""
+    hypernet.eval()
+    errs = [(hypernet(s) - t).norm() / t.norm() for s, t in zip(sources, targets, strict=True)]
+    return float(torch.stack(errs).mean())
+
+
 def fit(hypernet: nn.Module, optimizer: torch.optim.Optimizer, sources: list[torch.Tensor],
         targets: list[torch.Tensor], epochs: int, generator: torch.Generator) -> float:
     """MSE training at batch 1 (as the authors); returns the mean loss of the last epoch."""

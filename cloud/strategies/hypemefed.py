@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cloud.aggregation import RunningMean
-from cloud.hypernet import build_hypernet, fit
+from cloud.hypernet import build_hypernet, fit, relative_error
 from cloud.strategies.base import ClientUpdate, Strategy
 from common.models import NUM_BLOCKS, State, build_model
 
@@ -76,7 +76,7 @@ class HypeMeFed(Strategy):
 
     def train_hypernets(self, updates: list[ClientUpdate], server_round: int) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + server_round)
-        pairs, losses = {}, {}
+        pairs, losses, errors = {}, {}, {}
         for source, target in transitions():
             key = _key(target)
             sources, targets = training_pairs(updates, source, target)
@@ -84,8 +84,9 @@ class HypeMeFed(Strategy):
             if sources:
                 losses[target] = fit(self.hypernets[key], self.optimizers[key], sources, targets,
                                      self.epochs, gen)
+                errors[target] = relative_error(self.hypernets[key], sources, targets)
                 self.rounds_trained[key] += 1
-        return {"hypernet_pairs": pairs, "hypernet_loss": losses}
+        return {"hypernet_pairs": pairs, "hypernet_loss": losses, "hypernet_rel_err": errors}
 
     @torch.no_grad()
     def generate(self, state: State) -> State:

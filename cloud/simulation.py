@@ -28,7 +28,7 @@ def state_bytes(state: State) -> int:
 def strategy_for(cfg: RunConfig) -> Strategy:
     return build_strategy(cfg.strategy, cfg.model, weighting=cfg.weighting, hypernet=cfg.hypernet,
                           rank=cfg.rank, hidden=cfg.hidden, epochs=cfg.hypernet_epochs,
-                          lr=cfg.hypernet_lr, seed=cfg.seed)
+                          lr=cfg.hypernet_lr, seed=cfg.seed, device=cfg.device)
 
 
 def initial_state(cfg: RunConfig) -> State:

@@ -38,11 +38,11 @@ def transitions() -> list[tuple[str, str]]:
     return [(conv_name(k, c), conv_name(k + 1, c)) for k in range(1, NUM_BLOCKS) for c in CONVS]
 
 
-def training_pairs(updates: list[ClientUpdate], source: str, target: str
+def training_pairs(updates: list[ClientUpdate], source: str, target: str, device: str = "cpu"
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Source and target weights of every client that trained both."""
     both = [u for u in updates if source in u.state and target in u.state]
-    return [u.state[source] for u in both], [u.state[target] for u in both]
+    return [u.state[source].to(device) for u in both], [u.state[target].to(device) for u in both]
 
 
 @dataclass
@@ -53,23 +53,20 @@ class HypeMeFed(Strategy):
     epochs: int = 25
     lr: float = 5e-4
     seed: int = 0
+    device: str = "cpu"  # where the hypernetworks train; states stay on the CPU
     name: str = field(default="hypemefed", init=False)
 
     def __post_init__(self) -> None:
         shapes = {k: tuple(v.shape) for k, v in build_model(self.model).state_dict().items()}
-        self.hypernets = torch.nn.ModuleDict()
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.rounds_trained: dict[str, int] = {}
         with torch.random.fork_rng(devices=[]):  # same seed, same initial hypernetworks
             torch.manual_seed(self.seed)
-            for source, target in transitions():
-                self._add_hypernet(_key(target), shapes[source], shapes[target])
-
-    def _add_hypernet(self, key: str, source_shape: tuple, target_shape: tuple) -> None:
-        self.hypernets[key] = build_hypernet(self.hypernet, source_shape, target_shape,
-                                             rank=self.rank, hidden=self.hidden)
-        self.optimizers[key] = torch.optim.Adam(self.hypernets[key].parameters(), lr=self.lr)
-        self.rounds_trained[key] = 0
+            self.hypernets = torch.nn.ModuleDict({
+                _key(t): build_hypernet(self.hypernet, shapes[s], shapes[t], rank=self.rank,
+                                        hidden=self.hidden) for s, t in transitions()})
+        self.hypernets.to(self.device)
+        self.optimizers = {k: torch.optim.Adam(h.parameters(), lr=self.lr)
+                           for k, h in self.hypernets.items()}
+        self.rounds_trained = {k: 0 for k in self.hypernets}
 
     def generator_for(self, target: str) -> torch.nn.Module:
         return self.hypernets[_key(target)]
@@ -79,7 +76,7 @@ class HypeMeFed(Strategy):
         pairs, losses, errors = {}, {}, {}
         for source, target in transitions():
             key = _key(target)
-            sources, targets = training_pairs(updates, source, target)
+            sources, targets = training_pairs(updates, source, target, self.device)
             pairs[target] = len(sources)
             if sources:
                 losses[target] = fit(self.hypernets[key], self.optimizers[key], sources, targets,
@@ -97,7 +94,8 @@ class HypeMeFed(Strategy):
             if target in known or source not in known or not self.rounds_trained[_key(target)]:
                 continue
             hnet.eval()
-            known[target] = generated[target] = hnet(known[source])
+            known[target] = hnet(known[source].to(self.device))
+            generated[target] = known[target].cpu()
         return generated
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int

@@ -1,0 +1,230 @@
+"""How fast each exit runs on this device, and which tier fits a latency budget.
+
+Latency on small boards depends on temperature and throttling (a Raspberry Pi 4 without a
+heatsink halves its clock), so a profile records them before and after the runs, and reports
+medians and tails (p95, p99) rather than a single run. ``deepest_tier_within`` is what
+``hmf-device join --tier auto`` uses to choose the tier a device can afford.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from device.runtime import DeviceModel
+
+STATS = ("median_ms", "p95_ms", "p99_ms", "mean_ms")
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+def _read(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text().strip().rstrip("\x00")
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU (x86: its model name; Raspberry Pi / Jetson: the board's model)."""
+    info = _read("/proc/cpuinfo") or ""
+    for key in ("model name", "Model", "Hardware"):
+        for line in info.splitlines():
+            if line.split(":")[0].strip() == key:
+                return line.split(":", 1)[1].strip()
+    return _read("/proc/device-tree/model") or platform.processor() or platform.machine()
+
+
+def temperatures() -> dict[str, float]:
+    """Celsius per thermal zone where the kernel exposes them (Pi, Jetson, most laptops)."""
+    temps = {}
+    for zone in sorted(Path("/sys/class/thermal").glob("thermal_zone*")):
+        raw, kind = _read(zone / "temp"), _read(zone / "type") or zone.name
+        if raw and raw.lstrip("-").isdigit():
+            temps[f"{zone.name}:{kind}"] = int(raw) / 1000.0
+    return temps
+
+
+_PI_FLAGS = {0: "under-voltage", 1: "frequency capped", 2: "throttled", 3: "soft temperature limit"}
+
+
+def _pi_throttled() -> dict[str, Any] | None:
+    """Raspberry Pi firmware's throttle bits (sysfs on recent kernels, else vcgencmd)."""
+    raw = _read("/sys/devices/platform/soc/soc:firmware/get_throttled")
+    if raw is None:
+        try:
+            out = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True,
+                                 timeout=2, check=True).stdout
+            raw = out.strip().split("=")[-1]
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        bits = int(raw, 16)
+    except ValueError:
+        return None
+    return {"raw": hex(bits), "now": [f for b, f in _PI_FLAGS.items() if bits >> b & 1],
+            "since_boot": [f for b, f in _PI_FLAGS.items() if bits >> (b + 16) & 1]}
+
+
+def _cpufreq() -> dict[str, int] | None:
+    """Current and maximum clock of CPU 0 in kHz: current well below max under load means
+    throttling (or a power-saving governor)."""
+    base = Path("/sys/devices/system/cpu/cpu0/cpufreq")
+    cur, top = _read(base / "scaling_cur_freq"), _read(base / "cpuinfo_max_freq")
+    if not (cur and top and cur.isdigit() and top.isdigit()):
+        return None
+    return {"cur_khz": int(cur), "max_khz": int(top), "governor": _read(base / "scaling_governor")}
+
+
+def _throttle_count() -> int | None:
+    """Intel's thermal-throttle event count, summed over cores."""
+    counts = [_read(p) for p in
+              Path("/sys/devices/system/cpu").glob("cpu*/thermal_throttle/core_throttle_count")]
+    counts = [int(c) for c in counts if c and c.isdigit()]
+    return sum(counts) if counts else None
+
+
+def thermal_state() -> dict[str, Any]:
+    """Temperatures and throttling as far as this system exposes them (None where it doesn't)."""
+    return {"temperatures_c": temperatures() or None, "cpufreq": _cpufreq(),
+            "pi_throttled": _pi_throttled(), "throttle_events": _throttle_count()}
+
+
+def system_info() -> dict[str, Any]:
+    return {"cpu": cpu_name(), "machine": platform.machine(), "cores": os.cpu_count(),
+            "os": platform.platform(), "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+            "numpy": np.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _status_kb(field: str) -> int | None:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark of this process (Linux >= 4.0), so that the next
+    ``peak_rss_mb`` is the peak of one exit's runs, not of everything before."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb() -> float | None:
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def peak_rss_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling
+
+
+def summarize(times_s: list[float], batch: int) -> dict[str, float]:
+    """Median, tails and throughput of repeated runs."""
+    ms = np.asarray(times_s) * 1e3
+    median = float(np.median(ms))
+    return {"median_ms": median, "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "min_ms": float(ms.min()), "throughput_per_s": batch / (median / 1e3)}
+
+
+def time_runs(fn: Any, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def profile_exit(model: DeviceModel, k: int, *, runs: int, batch: int, warmup: int,
+                 seed: int = 0) -> dict[str, Any]:
+    """Latency and memory of exit ``k``'s graph on random input (its cost does not depend on the
+    values). Memory: the process's peak RSS while the session is built and run, and that peak
+    minus the RSS before (what this exit's session costs)."""
+    model.close()
+    gc.collect()
+    exact = reset_peak_rss()
+    before = rss_mb()
+    x = np.random.default_rng(seed).standard_normal((batch, *model.manifest.input_shape))
+    x = x.astype(np.float32)
+    sess = model.session("exit", k)
+    feed = {sess.get_inputs()[0].name: x}
+    times = time_runs(lambda: sess.run(None, feed), runs, warmup)
+    peak = peak_rss_mb()
+    entry = model.manifest.entry("exit", k, model.precision)
+    return {"exit": k, **summarize(times, batch), "runs": runs, "macs": entry["macs"],
+            "params": entry["params"], "peak_rss_mb": peak,
+            "session_mb": None if before is None or not exact else peak - before}
+
+
+def profile(model_dir: str | Path, *, runs: int = 50, batch: int = 1, threads: int | None = None,
+            precision: str = "fp32", warmup: int = 3, exits: list[int] | None = None,
+            providers: list[str] | None = None) -> dict[str, Any]:
+    """Per exit: median/p95/p99 latency, throughput and peak memory, with the machine, ONNX
+    Runtime's version and the thermal state before and after."""
+    if runs < 1 or batch < 1:
+        raise ValueError("runs and batch must be at least 1")
+    model = DeviceModel(model_dir, precision=precision, threads=threads, providers=providers)
+    before = thermal_state()
+    rows = [profile_exit(model, k, runs=runs, batch=batch, warmup=warmup)
+            for k in exits or model.exits]
+    model.close()
+    return {"model": model.manifest.model, "model_dir": str(Path(model_dir).resolve()),
+            "precision": precision, "batch": batch, "threads": threads, "runs": runs,
+            "providers": model.providers,
+            "system": system_info(), "thermal_before": before, "thermal_after": thermal_state(),
+            "exits": rows}
+
+
+def tier_within(report: dict[str, Any], budget_ms: float, stat: str = "p95_ms") -> int:
+    """The deepest exit of a profile whose ``stat`` latency is within ``budget_ms``; 0 if even
+    exit 1 is over budget."""
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {', '.join(STATS)}")
+    fits = [row["exit"] for row in report["exits"] if row[stat] <= budget_ms]
+    return max(fits, default=0)
+
+
+def deepest_tier_within(model_dir: str | Path, budget_ms: float, *, runs: int = 20,
+                        batch: int = 1, threads: int | None = None, precision: str = "fp32",
+                        stat: str = "p95_ms", report: dict[str, Any] | None = None) -> int:
+    """The deepest tier whose exit answers within ``budget_ms`` on this device (by p95 latency
+    by default, so that the budget holds for nearly every call); 0 if none does.
+
+    Profiles ``model_dir`` unless a ``report`` of ``profile`` is given.
+    """
+    if report is None:
+        report = profile(model_dir, runs=runs, batch=batch, threads=threads,
+                         precision=precision)
+    return tier_within(report, budget_ms, stat)

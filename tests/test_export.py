@@ -1,0 +1,262 @@
+"""`hmf export onnx`: graphs per exit and per segment, checked against torch on real windows."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cloud.cli import hmf
+from common import tensorfile
+from common.models import build_model, macs_per_sample, param_count
+from common.training import TrainConfig, train_local
+from export.data import HAPT_TEST_SUBJECTS, export_data, hapt_split
+from export.exporter import ExportCheckError, check_fp32, export_onnx
+
+TOL = 1e-4
+
+
+def perturbed_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with BatchNorm statistics far from the identity, so that folding BatchNorm
+    into the convolutions is really exercised."""
+    torch.manual_seed(seed)
+    model = build_model(name)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model.state_dict()
+
+
+def briefly_trained_hapt() -> dict[str, torch.Tensor]:
+    """A HAPT model trained for a few dozen steps: better than chance, so accuracies mean
+    something and int8's can be compared with fp32's."""
+    torch.manual_seed(0)
+    (tx, ty), _ = hapt_split()
+    keep = np.random.default_rng(0).choice(len(tx), 512, replace=False)
+    model = build_model("hapt")
+    train_local(model, torch.from_numpy(tx[keep]), torch.from_numpy(ty[keep]),
+                TrainConfig(epochs=1, batch_size=32, lr=2e-3), torch.Generator().manual_seed(0))
+    return model.state_dict()
+
+
+def torch_logits(name, state, x):
+    model = build_model(name)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return [z.numpy() for z in model.eval()(torch.from_numpy(x))]
+
+
+def run(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return briefly_trained_hapt()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, trained):
+    """The trained model written as a run directory's checkpoint, exported through the CLI."""
+    run_dir = tmp_path_factory.mktemp("run")
+    tensorfile.save(run_dir / "checkpoint.hmf", {f"global.{k}": v for k, v in trained.items()},
+                    {"format": "hmf-checkpoint/1", "model": "hapt", "round": 7})
+    out = tmp_path_factory.mktemp("onnx")
+    result = CliRunner().invoke(hmf, ["export", "onnx", "--checkpoint", str(run_dir), "--out",
+                                      str(out), "--quantize", "int8",
+                                      "--calibration-samples", "128", "--eval-samples", "300"])
+    assert result.exit_code == 0, result.output
+    assert "check passed" in result.output
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def windows():
+    """Real HAPT windows of the test volunteers, not used for calibration."""
+    _, (x, y) = hapt_split()
+    return x[:40], y[:40]
+
+
+def test_manifest_describes_input_files_and_source(exported):
+    out, m = exported
+    assert m["model"] == "hapt" and m["tiers"] == [1, 2, 3] and m["num_classes"] == 6
+    assert m["class_names"][0] == "WALKING" and len(m["class_names"]) == 6
+    assert m["input"] == {"name": "input", "shape": ["batch", 3, 151], "dtype": "float32",
+                          "preprocessing": m["input"]["preprocessing"]}
+    pre = m["input"]["preprocessing"]
+    assert pre["kind"] == "raw" and pre["unit"] == "g" and "1x18x25" in pre["in_graph"]
+    assert m["opset"] == 17 and {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
+    assert m["source"]["round"] == 7 and m["source"]["checkpoint"].endswith("checkpoint.hmf")
+    names = {f["file"] for f in m["files"]}
+    expected = {f"{kind}_{k}{suffix}.onnx" for kind in ("exit", "segment") for k in (1, 2, 3)
+                for suffix in ("", ".int8")}
+    assert names == expected
+    # weights inside the graphs: the directory holds nothing but them and the manifest
+    assert {p.name for p in out.iterdir()} == expected | {"manifest.json"}
+    for f in m["files"]:
+        assert hashlib.sha256((out / f["file"]).read_bytes()).hexdigest() == f["sha256"]
+
+
+def test_params_and_macs_count_only_what_each_graph_computes(exported):
+    _, m = exported
+    heads = [build_model("hapt").heads[i].fc.weight.numel() for i in range(3)]
+    head_params = [sum(p.numel() for p in build_model("hapt").heads[i].parameters())
+                   for i in range(3)]
+    fp32 = {(f["kind"], f["index"]): f for f in m["files"] if f["precision"] == "fp32"}
+    for k in (1, 2, 3):
+        tier = build_model("hapt", depth=k)
+        e = fp32["exit", k]
+        assert e["params"] == param_count(tier) - sum(head_params[: k - 1])
+        assert e["macs"] == macs_per_sample(tier) - sum(heads[: k - 1])
+    # the segments add up to the deepest exit plus the heads of exits 1 and 2
+    assert (sum(fp32["segment", k]["macs"] for k in (1, 2, 3))
+            == fp32["exit", 3]["macs"] + heads[0] + heads[1])
+    assert (sum(fp32["segment", k]["params"] for k in (1, 2, 3))
+            == fp32["exit", 3]["params"] + head_params[0] + head_params[1])
+
+
+def test_every_graph_passes_the_onnx_checker_and_exit_k_holds_only_blocks_up_to_k(exported):
+    out, m = exported
+    for f in m["files"]:
+        model = onnx.load(str(out / f["file"]))
+        onnx.checker.check_model(model, full_check=True)
+        assert all(not t.external_data for t in model.graph.initializer)
+        convs = sum(n.op_type in ("Conv", "QLinearConv") for n in model.graph.node)
+        blocks = f["index"] + 1 if f["kind"] == "exit" else 1 + (f["index"] == 1)
+        assert convs == 2 * blocks, f["file"]  # 2 convs in the stem and in each block
+        if f["precision"] == "int8":
+            ops = {n.op_type for n in model.graph.node}
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "ConvInteger" not in ops
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_exit_graphs_match_torch_on_real_windows(exported, trained, windows, batch):
+    out, _ = exported
+    x = windows[0][:batch]
+    ref = torch_logits("hapt", trained, x)
+    for k in (1, 2, 3):
+        (got,) = run(out / f"exit_{k}.onnx", x)
+        assert got.shape == (batch, 6)
+        assert np.abs(got - ref[k - 1]).max() <= TOL
+        np.testing.assert_array_equal(got.argmax(1), ref[k - 1].argmax(1))
+
+
+def test_chained_segments_give_the_exit_graphs_logits(exported, trained, windows):
+    out, _ = exported
+    x, feats = windows[0], windows[0]
+    ref = torch_logits("hapt", trained, x)
+    shapes = {1: (128, 4, 6), 2: (256, 2, 3), 3: (512, 1, 1)}
+    for k in (1, 2, 3):
+        feats, logits = run(out / f"segment_{k}.onnx", feats)
+        assert feats.shape == (len(x), *shapes[k])
+        (exit_logits,) = run(out / f"exit_{k}.onnx", x)
+        assert np.abs(logits - exit_logits).max() <= TOL
+        assert np.abs(logits - ref[k - 1]).max() <= TOL
+
+
+def test_manifest_check_records_the_measured_agreement(exported):
+    _, m = exported
+    c = m["check"]
+    assert c["passed"] and c["samples"] == 64 and "test volunteers" in c["source"]
+    for k in ("1", "2", "3"):
+        assert c["exits"][k]["max_abs_diff_vs_torch"] <= TOL
+        assert c["exits"][k]["argmax_agreement"] == 1.0
+
+
+def test_int8_accuracy_before_and_after_is_measured_on_test_windows(exported, trained):
+    out, m = exported
+    q = m["quantization"]
+    assert q["method"]["format"] == "QDQ" and q["calibration"]["samples"] == 128
+    assert str(list(HAPT_TEST_SUBJECTS)) in q["evaluation"]["source"]
+    ev = export_data("hapt", None, calibration=128, evaluation=300).evaluation
+    ref = torch_logits("hapt", trained, ev.x)
+    for k in (1, 2, 3):
+        fp32 = float((ref[k - 1].argmax(1) == ev.y).mean())
+        (int8,) = run(out / f"exit_{k}.int8.onnx", ev.x)
+        acc8 = float((int8.argmax(1) == ev.y).mean())
+        assert q["accuracy"]["fp32"][str(k)] == pytest.approx(fp32, abs=1e-9)
+        assert q["accuracy"]["int8"][str(k)] == pytest.approx(acc8, abs=1e-9)
+        assert fp32 > 0.3  # trained: well above the 1/6 of chance
+        assert abs(acc8 - fp32) <= 0.05
+        assert q["agreement_with_fp32"][str(k)] >= 0.9
+
+
+def test_the_check_fails_on_graphs_that_disagree_with_torch(exported, windows):
+    out, m = exported
+    other = perturbed_state("hapt", seed=1)  # not the weights that were exported
+    samples = export_data("hapt", None, calibration=8, evaluation=16).evaluation
+    with pytest.raises(ExportCheckError, match="exit 1"):
+        check_fp32("hapt", other, out, [f for f in m["files"] if f["precision"] == "fp32"],
+                   samples)
+
+
+def test_image_model_without_data_subset_of_tiers(tmp_path):
+    """mnist (an image model), tiers 1 and 2 only, int8 calibrated on synthetic inputs: accuracy
+    is n/a and says why; the preprocessing is the image normalisation."""
+    from export.data import export_data as data_for
+
+    state = perturbed_state("mnist")
+    m = export_onnx("mnist", state, tmp_path, data_for("mnist", None, calibration=16),
+                    tiers=[1, 2], quantize="int8")
+    assert m["tiers"] == [1, 2]
+    assert sorted(f["file"] for f in m["files"] if f["precision"] == "fp32") == [
+        "exit_1.onnx", "exit_2.onnx", "segment_1.onnx", "segment_2.onnx"]
+    assert m["input"]["preprocessing"]["normalize"] == {"scale": 255.0, "mean": 0.5, "std": 0.5}
+    assert m["quantization"]["accuracy"]["int8"] == {"1": "n/a", "2": "n/a"}
+    assert "synthetic" in m["quantization"]["note"]
+    x = np.random.default_rng(3).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    ref = torch_logits("mnist", state, x)
+    (got,) = run(tmp_path / "exit_2.onnx", x)
+    assert np.abs(got - ref[1]).max() <= TOL
+
+
+def test_cli_refuses_bad_arguments(tmp_path):
+    runner = CliRunner()
+    both = runner.invoke(hmf, ["export", "onnx", "--model", "hapt", "--checkpoint",
+                               str(tmp_path), "--out", str(tmp_path / "o")])
+    assert both.exit_code != 0 and "exactly one" in both.output
+    tiers = runner.invoke(hmf, ["export", "onnx", "--model", "hapt", "--tiers", "0,4",
+                                "--out", str(tmp_path / "o")])
+    assert tiers.exit_code != 0 and "tiers" in tiers.output
+    missing = runner.invoke(hmf, ["export", "onnx", "--checkpoint", str(tmp_path),
+                                  "--out", str(tmp_path / "o")])
+    assert missing.exit_code != 0 and "no checkpoint" in missing.output
+
+
+def test_a_failing_check_leaves_no_manifest(tmp_path, monkeypatch):
+    """If torch and the graphs disagree (here: the reference gets other weights), the export
+    raises and writes no manifest.json, so no device can load the graphs."""
+    import export.exporter as exporter
+
+    other = perturbed_state("mnist", seed=1)
+    real_tier_model = exporter.tier_model
+    monkeypatch.setattr(exporter, "tier_model",
+                        lambda name, state, tier: real_tier_model(name, other, tier))
+    (tmp_path / "manifest.json").write_text("{}")  # a stale one from an earlier export
+    with pytest.raises(ExportCheckError):
+        export_onnx("mnist", perturbed_state("mnist"), tmp_path,
+                    export_data("mnist", None, calibration=4), tiers=[1])
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_onnx_checker_failures_are_export_check_errors(tmp_path):
+    from onnx import TensorProto, helper
+
+    from export.exporter import onnx_check
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    bad = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["nowhere"], ["y"])], "bad", [x], [y]))
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ExportCheckError, match="bad.onnx"):
+        onnx_check(tmp_path / "bad.onnx")

@@ -61,6 +61,12 @@ class Simulation:
                                    seed_of(self.cfg.seed, 5, server_round, task.client))
         return ClientUpdate(task, len(idx), trained, loss)
 
+    def participant_batches(self, tasks: list[ClientTask], size: int = 256):
+        for task in tasks:
+            idx = self.fed.train[task.client]
+            for start in range(0, len(idx), size):
+                yield self.x[torch.from_numpy(idx[start : start + size])]
+
     def round(self, global_state: State, server_round: int) -> tuple[State, dict[str, Any]]:
         start = time.perf_counter()
         tasks = self.strategy.tasks(self.fed.participants(self.cfg.seed, server_round))
@@ -70,6 +76,7 @@ class Simulation:
             updates.append(self.train_client(global_state, task, server_round))
         server_start = time.perf_counter()
         new_state, server_metrics = self.strategy.aggregate(global_state, updates, server_round)
+        new_state = self.strategy.calibrate(new_state, self.participant_batches(tasks))
         server_s = time.perf_counter() - server_start
         losses = [u.train_loss for u in updates]
         row: dict[str, Any] = {

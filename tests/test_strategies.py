@@ -150,3 +150,17 @@ def test_registry_and_unknown_strategy():
         build_strategy("fedprox", MODEL)
     assert tier_state(fresh_state(0), 1).keys() == build_model(MODEL, depth=1).state_dict().keys()
     assert ClientTask(0, 1, 1).width_fraction == 1.0
+
+
+def test_heterofl_static_bn_recomputes_running_statistics():
+    s = build_strategy("heterofl", MODEL)
+    g = fresh_state(0)
+    g["stem.bn1.running_mean"] += 5.0  # stale statistics from mixed widths
+    x = torch.randn(64, 1, 28, 28)
+    new = s.calibrate(g, iter([x[:32], x[32:]]))
+    conv = torch.nn.functional.conv2d(x, g["stem.conv1.weight"], g["stem.conv1.bias"], padding=1)
+    batch_means = torch.stack([conv[:32].mean((0, 2, 3)), conv[32:].mean((0, 2, 3))])
+    torch.testing.assert_close(new["stem.bn1.running_mean"], batch_means.mean(0))
+    assert torch.equal(new["stem.conv1.weight"], g["stem.conv1.weight"])  # weights untouched
+    # strategies without static BN leave the state alone
+    assert build_strategy("depthwise", MODEL).calibrate(g, iter([x])) is g

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,11 @@ class Strategy:
         """New global state from this round's updates, and metrics worth logging."""
         contributions = [(u.state, self.weight(u)) for u in updates]
         return average_states(global_state, contributions), {}
+
+    def calibrate(self, state: State, batches: Iterable[torch.Tensor]) -> State:
+        """Server-side fix-up of the aggregate from participants' data (HeteroFL's static BN);
+        ``batches`` is lazy, so strategies that need nothing cost nothing."""
+        return state
 
     def evaluated_exits(self) -> int:
         """How many exits of the global model this strategy trains."""

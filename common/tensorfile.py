@@ -9,6 +9,7 @@ or hostile blob raises ``TensorFileError`` and never runs code (nothing is unpic
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -77,7 +78,7 @@ def _tensor(name: str, e: Any, data: memoryview) -> torch.Tensor:
     except (KeyError, TypeError, ValueError) as err:
         raise TensorFileError(f"tensor {name!r}: malformed entry ({err})") from None
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if nbytes != itemsize * int(np.prod(shape, dtype=np.int64)) or offset + nbytes > len(data):
+    if nbytes != itemsize * math.prod(shape) or offset + nbytes > len(data):  # no overflow
         raise TensorFileError(f"tensor {name!r}: {nbytes} bytes at {offset} do not fit "
                               f"shape {shape} {e['dtype']} in {len(data)} data bytes")
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype

@@ -50,3 +50,10 @@ def _blob_with_header(header: dict, data: bytes = b"") -> bytes:
 def test_malformed_blobs_are_rejected(blob):
     with pytest.raises(TensorFileError):
         decode(blob)
+
+
+def test_huge_shape_is_rejected_not_overflowed():
+    blob = _blob_with_header({"tensors": {"a": {"dtype": "float32", "shape": [2**32, 2**32, 4],
+                                                "offset": 0, "nbytes": 0}}, "meta": {}})
+    with pytest.raises(TensorFileError):
+        decode(blob)

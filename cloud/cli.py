@@ -121,5 +121,24 @@ def plot(run_dirs: tuple[str, ...], out: str, title: str | None) -> None:
     click.echo(f"wrote {out}")
 
 
+# ---- hmf-cloud: the cloud of a real fleet over MQTT (commands in cloud/fleet_cli.py) ----------
+@click.group()
+def hmf_cloud() -> None:
+    """HypeMeFed's cloud for real device fleets over MQTT (docs/PROTOCOL.md)."""
+
+
+def _register_fleet_commands() -> None:
+    from cloud.fleet_cli import register
+
+    register(hmf_cloud)
+
+
+_register_fleet_commands()
+
+from export.cli import export  # noqa: E402  (`hmf export onnx`; imports onnx lazily)
+
+hmf.add_command(export)
+
+
 if __name__ == "__main__":
     sys.exit(hmf())

@@ -1,0 +1,217 @@
+"""``hmf-cloud`` commands for a real fleet: ``start``, ``broker-config`` and ``partition``.
+
+Registered on the ``hmf_cloud`` group of ``cloud/cli.py`` by ``register``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cloud.config import PRESETS, RunConfig, resolve
+from cloud.strategies import STRATEGIES
+from common.models import SPECS
+
+DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+
+
+def _opt(name: str, help_text: str, **kw: Any):
+    """A RunConfig setting: absent means 'not given', so presets and config files can fill it."""
+    default = DEFAULTS.get(name.replace("-", "_"))
+    shown = f" [default: {default}]" if default is not None else ""
+    return click.option(f"--{name}", default=None, help=help_text + shown, **kw)
+
+
+def _auth_options(f):
+    for option in reversed([
+        click.option("--username", default=None,
+                     help="Broker user name [default: hmf-cloud with --password-file]."),
+        click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="File holding the broker password."),
+        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="CA certificate to verify the broker (implies TLS)."),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Client certificate (mutual TLS)."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Client key (mutual TLS)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _settings(preset: str | None, config_file: str | None, flags: dict[str, Any],
+              extra: dict[str, Any]) -> RunConfig:
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if "tier_mix" in overrides:
+        try:
+            overrides["tier_mix"] = tuple(float(f) for f in overrides["tier_mix"].split(","))
+        except ValueError:
+            raise click.BadParameter("three comma-separated fractions, e.g. 0.3,0.4,0.3",
+                                     param_hint="--tier-mix") from None
+    return resolve(preset, config_file, {**overrides, **extra})
+
+
+def _run_options(f):
+    """The settings of ``hmf simulate`` that a fleet run uses."""
+    for option in reversed([
+        click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+                     help="The authors' settings for svhn, stl10 or unimib."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML file of settings (keys = flag names)."),
+        _opt("model", "Model.", type=click.Choice(list(SPECS))),
+        _opt("strategy", "Aggregation strategy.", type=click.Choice(list(STRATEGIES))),
+        _opt("hypernet", "Hypernetwork kind (hypemefed).", type=click.Choice(["lrf", "naive"])),
+        _opt("rank", "LRF rank.", type=int),
+        _opt("hidden", "Hypernetwork hidden size.", type=int),
+        _opt("hypernet-epochs", "Hypernetwork epochs per round.", type=int),
+        _opt("hypernet-lr", "Hypernetwork learning rate.", type=float),
+        _opt("rounds", "Rounds.", type=int),
+        _opt("participants", "Participants per round.", type=int),
+        _opt("tier-mix", "Fractions of tiers 1,2,3 among participants."),
+        _opt("local-epochs", "Local epochs per round.", type=int),
+        _opt("batch-size", "Local batch size.", type=int),
+        _opt("lr", "Local learning rate.", type=float),
+        _opt("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"])),
+        _opt("seed", "Seed of everything random.", type=int),
+        _opt("eval-every", "Evaluate every N rounds (and the last).", type=int),
+    ]):
+        f = option(f)
+    return f
+
+
+@click.command()
+@click.option("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT.")
+@click.option("--fleet", "fleet_file", required=True, type=click.Path(exists=True,
+                                                                        dir_okay=False),
+              help='JSON {"devices": [{"id": ..., "tier": 1..3}, ...]}: device i is client i.')
+@_run_options
+@click.option("--min-updates", type=click.IntRange(min=1), default=1, show_default=True,
+              help="A round closes at its deadline only with at least this many updates.")
+@click.option("--round-timeout", type=click.FloatRange(min=0.1), default=600.0,
+              show_default=True, help="Seconds from a round's start to its deadline.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="NPZ (x, y) held out on the cloud: global accuracy per exit each round.")
+@click.option("--transfer-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Weights on the wire (float16 halves the bytes).")
+@click.option("--select", "selection", type=click.Choice(["all", "online"]), default="all",
+              show_default=True, help="Draw participants among all fleet devices (as "
+              "hmf simulate) or among those online.")
+@click.option("--wait-devices", type=click.IntRange(min=0), default=None,
+              help="Devices online before a round opens [default: --min-updates].")
+@click.option("--upload-slots", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Uploads reassembled at once (bounds the cloud's memory).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads for the server step [default: torch's].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@_auth_options
+def start(broker: str, fleet_file: str, preset: str | None, config_file: str | None,
+          min_updates: int, round_timeout: float, eval_data: str | None, transfer_dtype: str,
+          selection: str, wait_devices: int | None, upload_slots: int, threads: int | None,
+          out: str, resume: bool,
+          username: str | None, password_file: str | None, tls_ca: str | None,
+          tls_cert: str | None, tls_key: str | None, **flags: Any) -> None:
+    """Run federated training with real devices over MQTT (docs/PROTOCOL.md)."""
+    import torch
+
+    from cloud.fleet import Fleet
+    from cloud.server import CloudOptions, FleetCloud
+    from common.mqtt_link import broker_settings
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        fleet = Fleet.load(fleet_file)
+        cfg = _settings(preset, config_file, flags, {"clients": len(fleet.devices)})
+        settings = broker_settings(broker, username or ("hmf-cloud" if password_file else None),
+                                   password_file, tls_ca, tls_cert, tls_key)
+        opts = CloudOptions(min_updates=min_updates, round_timeout=round_timeout,
+                            transfer_dtype=transfer_dtype, select=selection,
+                            wait_devices=wait_devices, upload_slots=upload_slots,
+                            eval_data=eval_data)
+        click.echo(f"hmf-cloud start: {cfg.strategy} on {cfg.model}, {len(fleet.devices)} "
+                   f"devices, {cfg.participants} a round, {cfg.rounds} rounds -> {out}")
+        FleetCloud(cfg, fleet, out, settings, opts, log=click.echo,
+                   client_id=settings.username or "hmf-cloud").run(resume=resume)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("broker-config")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for mosquitto.conf, passwd, acl and secrets/.")
+@click.option("--devices", required=True, multiple=True,
+              help="Device ids (repeat, or a fleet.json file).")
+@click.option("--port", type=int, default=None, help="Listener port [1883, or 8883 with TLS].")
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Listener address.")
+@click.option("--tls-ca", default=None, help="CA file for the TLS listener.")
+@click.option("--tls-cert", default=None, help="Broker certificate.")
+@click.option("--tls-key", default=None, help="Broker private key.")
+@click.option("--require-client-cert", is_flag=True, help="Mutual TLS: devices need certs.")
+@click.option("--run-as", default=None,
+              help="User mosquitto switches to when started as root (must read passwd/acl); "
+              "e.g. $(whoami) for a local demo.")
+def broker_config(out: str, devices: tuple[str, ...], port: int | None, bind: str,
+                  tls_ca: str | None, tls_cert: str | None, tls_key: str | None,
+                  require_client_cert: bool, run_as: str | None) -> None:
+    """Write a mosquitto config: password file, per-device ACL, optional TLS."""
+    from cloud.broker_config import TLSFiles, write_broker_config
+    from cloud.fleet import Fleet
+
+    ids: list[str] = []
+    for d in devices:
+        ids += Fleet.load(d).ids if d.endswith(".json") and Path(d).is_file() else [d]
+    tls = None
+    if tls_ca or tls_cert or tls_key:
+        if not (tls_ca and tls_cert and tls_key):
+            raise click.UsageError("TLS needs --tls-ca, --tls-cert and --tls-key")
+        tls = TLSFiles(tls_ca, tls_cert, tls_key, require_client_cert)
+    try:
+        paths = write_broker_config(out, ids, port or (8883 if tls else 1883), bind, tls,
+                                    run_as=run_as)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {paths['conf']} ({len(ids)} devices + hmf-cloud); passwords in "
+               f"{paths['secrets']}/<user>.txt: hand each device its own only.\n"
+               f"start the broker: mosquitto -c {paths['conf']}")
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for <device>.npz files, eval.npz and fleet.json.")
+@click.option("--prefix", default="dev", show_default=True, help="Device id prefix.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
+@_opt("model", "Model and dataset.", type=click.Choice(list(SPECS)))
+@_opt("data-dir", "Dataset directory (hapt: the shipped copy if omitted).")
+@_opt("clients", "Clients (devices).", type=int)
+@_opt("participants", "Participants per round (checked against the tiers).", type=int)
+@_opt("tier-mix", "Fractions of tiers 1,2,3.")
+@_opt("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
+@_opt("alpha", "Dirichlet concentration.", type=float)
+@_opt("seed", "Seed.", type=int)
+def partition(out: str, prefix: str, preset: str | None, config_file: str | None,
+              **flags: Any) -> None:
+    """Split a dataset as `hmf simulate` does, one NPZ per device, plus fleet.json."""
+    from cloud.fleet import write_partition
+    from common.data import DataError
+
+    try:
+        cfg = _settings(preset, config_file, flags, {})
+        fleet = write_partition(cfg, out, prefix)
+    except (ValueError, DataError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    tiers = [d.tier for d in fleet.devices]
+    click.echo(f"wrote {len(tiers)} device files to {out} (tiers 1/2/3: {tiers.count(1)}/"
+               f"{tiers.count(2)}/{tiers.count(3)}), eval.npz and fleet.json")
+
+
+def register(group: click.Group) -> None:
+    for command in (start, broker_config, partition):
+        group.add_command(command)
+
+
+__all__ = ["register"]

@@ -1,0 +1,581 @@
+"""``hmf-cloud start``: the cloud of a real fleet, over MQTT (protocol: docs/PROTOCOL.md).
+
+One worker thread (the caller's) does everything: it reads the events that paho's callbacks put
+on a queue, serves weights, grants upload slots, verifies and streams updates into the running
+aggregate, and closes rounds (aggregation, evaluation, checkpoint). Callbacks never work.
+
+A round computes what ``Simulation.round`` computes: the same participants (``cloud/fleet.py``),
+the same submodels, the same training seeds sent to the devices, the same server step
+(``cloud/streaming.py``), the same checkpoints and ``metrics.jsonl`` rows (plus the fleet's own
+figures). It closes when every task's update is in, or at its deadline if at least
+``min_updates`` are in; with fewer it waits another ``round_timeout``.
+
+Memory stays flat in the number of devices: weights go out through a window of at most
+``send_window`` unacknowledged chunks, at most ``upload_slots`` uploads are reassembled at once,
+and updates are folded into a running sum as they are verified.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from cloud.config import RunConfig
+from cloud.federation import seed_of
+from cloud.fleet import Fleet, select
+from cloud.runlog import RunLog
+from cloud.simulation import _check_same_run, initial_state, strategy_for
+from cloud.strategies import ClientTask, ClientUpdate, Strategy
+from cloud.streaming import StreamingAggregate
+from common import protocol as p
+from common.models import NUM_BLOCKS, State, build_model
+from common.mqtt_link import BrokerSettings, Link
+from common.training import accuracy_per_exit
+
+RUN_FILE = "fleet_run.json"
+HEADER_SLACK = 64 * 1024  # tensor-file header allowance on top of the raw tensor bytes
+
+
+@dataclass
+class CloudOptions:
+    min_updates: int = 1
+    round_timeout: float = 600.0
+    transfer_dtype: str = "float32"
+    select: str = "all"  # "all": the simulator's draw; "online": only devices online now
+    wait_devices: int | None = None  # devices online before a round opens; None: min_updates
+    upload_slots: int = 16
+    send_window: int = 64  # unacknowledged weight chunks in flight
+    slot_timeout: float = 60.0  # an upload that stalls this long is dropped (device re-offers)
+    eval_data: str | None = None
+    log_limit: int = 20  # rejections logged per reason per round (all are counted)
+
+
+@dataclass
+class Task:
+    device: str
+    task: ClientTask
+    seed: int
+    key: tuple[int, float]  # (depth, width): tasks with equal keys share a weights blob
+    spec: p.TensorSpec
+    max_update: int
+    message: bytes = b""
+
+
+@dataclass
+class Upload:
+    ref: p.BlobRef
+    offer: dict[str, Any]
+    reassembly: p.Reassembly | None = None  # None while waiting for a slot
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Round:
+    number: int
+    deadline: float  # wall clock (unix), as sent to devices
+    tasks: dict[str, Task]
+    blobs: dict[tuple[int, float], tuple[bytes, p.BlobRef]]
+    aggregate: StreamingAggregate
+    state: str = "open"
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    waiting: deque[str] = field(default_factory=deque)
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    extended: int = 0
+
+
+class FleetCloud:
+    def __init__(self, cfg: RunConfig, fleet: Fleet, out_dir: str | Path,
+                 broker: BrokerSettings, opts: CloudOptions,
+                 log: Callable[[str], None] = print, client_id: str = "hmf-cloud") -> None:
+        if opts.transfer_dtype not in p.WIRE_DTYPES:
+            raise ValueError(f"transfer dtype must be one of {list(p.WIRE_DTYPES)}")
+        self.cfg, self.fleet, self.out, self.opts, self.log = cfg, fleet, Path(out_dir), opts, log
+        self.fed = fleet.federation(cfg.participants, cfg.tier_mix)
+        self.strategy: Strategy = strategy_for(cfg)  # seeded: same hypernetworks as hmf simulate
+        self.eval = _load_eval(opts.eval_data) if opts.eval_data else None
+        self.link = Link(client_id, broker,
+                         [p.device_topic("+", name) for name in p.DEVICE_UP],
+                         will=(p.cloud_topic("status"), p.make_control("status",
+                                                                        state="offline")),
+                         max_inflight=max(20, opts.send_window))
+        self.presence: dict[str, dict[str, Any]] = {}
+        self.round: Round | None = None
+        self.run_id = ""
+        self.rounds_total = cfg.rounds
+        self.finished = False
+        self.sending: deque[tuple[str, tuple[int, float], int, int]] = deque()
+        self.inflight: set[int] = set()
+        self.logged: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ run
+    def run(self, resume: bool = False) -> list[dict[str, Any]]:
+        first, state = self._start(resume)
+        runlog = RunLog(self.out, self.cfg.to_json(), resume_round=first - 1)
+        self.link.start()
+        try:
+            for r in range(first, self.cfg.rounds + 1):
+                self._wait_for_devices()
+                state, row = self._play_round(state, r)
+                save_checkpoint(self.out, r, state, self.strategy, self.cfg.to_json())
+                runlog.append(row)
+                self.log(format_fleet_round(row, self.cfg.rounds))
+            self.finished = True
+            self._publish_round_message()
+            self._clear_tasks()
+            self.log(f"run {self.run_id} finished: {self.out / 'summary.json'}")
+        finally:
+            self.link.stop(last=(p.cloud_topic("status"),
+                                 p.make_control("status", state="offline")))
+        return runlog.rows
+
+    def _start(self, resume: bool) -> tuple[int, State]:
+        """(first round, global state): a fresh run, or the checkpoint's state and RNG."""
+        first, state = 1, initial_state(self.cfg)
+        run_file = self.out / RUN_FILE
+        if resume and (self.out / CHECKPOINT).exists():
+            done, state, meta = load_checkpoint(self.out, self.strategy)
+            _check_same_run(meta["config"], self.cfg.to_json())
+            saved = json.loads(run_file.read_text())
+            if saved["fleet"] != self.fleet.to_json():
+                raise ValueError("--resume with another fleet file than the checkpoint's run")
+            self.run_id, first = saved["run"], done + 1
+            self.log(f"resuming run {self.run_id} in {self.out} after round {done}")
+        else:
+            if resume:
+                self.log(f"no checkpoint in {self.out}: starting from round 1")
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.run_id = uuid.uuid4().hex[:12]
+            run_file.write_text(json.dumps({"run": self.run_id, "fleet": self.fleet.to_json()})
+                                + "\n")
+        return first, state
+
+    def _wait_for_devices(self) -> None:
+        want = self.opts.wait_devices
+        want = self.opts.min_updates if want is None else want
+        want = min(want, len(self.fleet.devices))
+        said = -1
+        while len(self.online()) < want:
+            if len(self.online()) != said:
+                said = len(self.online())
+                self.log(f"waiting for devices: {said}/{want} online")
+            self._pump(0.5)
+
+    def online(self) -> set[str]:
+        return {d for d, h in self.presence.items() if h["type"] == "hello"}
+
+    # ------------------------------------------------------------------ one round
+    def _play_round(self, state: State, r: int) -> tuple[State, dict[str, Any]]:
+        start = time.perf_counter()
+        self._open_round(state, r)
+        rnd = self.round
+        assert rnd is not None
+        need = min(self.opts.min_updates, len(rnd.tasks))
+        while len(rnd.accepted) < len(rnd.tasks):
+            left = rnd.deadline - time.time()
+            if left <= 0:
+                if len(rnd.accepted) >= need:
+                    break
+                rnd.deadline = time.time() + self.opts.round_timeout
+                rnd.extended += 1
+                self.log(f"round {r}: {len(rnd.accepted)} of at least {need} updates at the "
+                         f"deadline: waiting another {self.opts.round_timeout:g}s")
+                self._publish_round_message()
+                continue
+            self._pump(min(left, 0.5))
+            self._expire_uploads()
+        return self._close_round(state, start)
+
+    def _open_round(self, state: State, r: int) -> None:
+        online = None
+        if self.opts.select == "online":
+            online = {self.fleet.index(d) for d in self.online()}
+        tasks = self.strategy.tasks(select(self.fed, self.cfg.seed, r, online))
+        order = [t.client for t in tasks]
+        deadline = time.time() + self.opts.round_timeout
+        rnd = Round(r, deadline, {}, {}, StreamingAggregate(self.strategy, state, order))
+        specs: dict[tuple[int, float], p.TensorSpec] = {}
+        for t in tasks:
+            key = (t.depth, t.width_fraction)
+            if key not in rnd.blobs:
+                sent = self.strategy.submodel(state, t)[1]
+                blob = p.encode_state(sent, self.opts.transfer_dtype)
+                rnd.blobs[key], specs[key] = (blob, p.blob_ref(blob)), p.spec_of(sent)
+            device = self.fleet.devices[t.client].id
+            rnd.tasks[device] = Task(device, t, seed_of(self.cfg.seed, 5, r, t.client), key,
+                                     specs[key], _max_update(specs[key], self.opts.transfer_dtype))
+        self.round = rnd
+        self.logged.clear()
+        self._publish_round_message()
+        for task in rnd.tasks.values():
+            task.message = self._task_message(task)
+            self.link.publish(p.device_topic(task.device, "task"), task.message, retain=True)
+        tiers = Counter(t.task.tier for t in rnd.tasks.values())
+        self.log(f"round {r}: {len(rnd.tasks)} tasks (tier 1/2/3: "
+                 f"{tiers[1]}/{tiers[2]}/{tiers[3]}), deadline in {self.opts.round_timeout:g}s")
+
+    def _task_message(self, task: Task) -> bytes:
+        assert self.round is not None
+        return p.make_control(
+            "task", run=self.run_id, round=self.round.number, device=task.device,
+            model=self.cfg.model, depth=task.task.depth, width=task.task.width_fraction,
+            seed=task.seed, train={"epochs": self.cfg.local_epochs,
+                                   "batch_size": self.cfg.batch_size, "lr": self.cfg.lr},
+            weights=self.round.blobs[task.key][1], dtype=self.opts.transfer_dtype,
+            deadline=self.round.deadline)
+
+    def _close_round(self, state: State, start: float) -> tuple[State, dict[str, Any]]:
+        rnd = self.round
+        assert rnd is not None
+        rnd.state = "closed"
+        self._publish_round_message()
+        self.sending.clear()
+        server_start = time.perf_counter()
+        new_state, metrics = rnd.aggregate.finish(rnd.number)
+        server_s = time.perf_counter() - server_start
+        updates = list(rnd.accepted.values())
+        tier_of = {d: t.task.tier for d, t in rnd.tasks.items()}
+        losses = [u["loss"] for u in updates if u["loss"] is not None]
+        row: dict[str, Any] = {
+            "round": rnd.number, "strategy": self.strategy.name,
+            "participants": {str(t): sum(1 for d in rnd.accepted if tier_of[d] == t)
+                             for t in (1, 2, 3)},
+            "selected": {str(t): sum(1 for d in tier_of.values() if d == t) for t in (1, 2, 3)},
+            "devices_online": len(self.online()), "devices": len(self.fleet.devices),
+            "server_s": server_s, "hypernet_s": metrics.pop("hypernet_s", 0.0),
+            "bytes_down": rnd.bytes_down, "bytes_up": rnd.bytes_up,
+            "transfer_dtype": self.opts.transfer_dtype,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "rejected": dict(rnd.rejected), "deadline_extended": rnd.extended,
+            **metrics,
+        }
+        if not rnd.tasks:
+            row["note"] = "no participant could train this strategy's model: global unchanged"
+        local = _device_accuracy(tier_of, rnd.accepted)
+        if local:
+            row["device_acc"] = local
+        if self.eval is not None and (rnd.number % self.cfg.eval_every == 0
+                                      or rnd.number == self.cfg.rounds):
+            row["acc"] = {"global": _global_accuracy(self.cfg.model, new_state, self.eval,
+                                                     self.strategy.evaluated_exits())}
+        row["elapsed_s"] = time.perf_counter() - start
+        for reason, n in self.logged.items():
+            if n > self.opts.log_limit:
+                self.log(f"round {rnd.number}: {n - self.opts.log_limit} more '{reason}' "
+                         "rejections not shown")
+        return new_state, row
+
+    # ------------------------------------------------------------------ events
+    def _pump(self, timeout: float) -> None:
+        """Handle the events that arrive within ``timeout`` (then any already queued)."""
+        try:
+            ev = self.link.events.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            self._send_chunks()
+            return
+        for _ in range(10_000):
+            self._handle(ev)
+            try:
+                ev = self.link.events.get_nowait()
+            except queue.Empty:
+                break
+        self._send_chunks()
+
+    def _handle(self, ev: tuple[Any, ...]) -> None:
+        kind = ev[0]
+        if kind == "message":
+            self._on_message(ev[1], ev[2])
+        elif kind == "published":
+            self.inflight.discard(ev[1])
+        elif kind == "connected":
+            self.log("connected to the broker")
+            self._republish()
+        elif kind == "disconnected":
+            self.log(f"lost the broker ({ev[1]}): reconnecting with backoff")
+            self.sending.clear()
+            self.inflight.clear()
+        elif kind == "refused":
+            self.log(f"the broker refused the connection: {ev[1]}")
+
+    def _republish(self) -> None:
+        """After any (re)connect: retained state may be gone (a restarted broker)."""
+        self.link.publish(p.cloud_topic("status"), p.make_control("status", state="online"),
+                          retain=True)
+        if self.round is not None:
+            self._publish_round_message()
+            if self.round.state == "open":
+                for task in self.round.tasks.values():
+                    self.link.publish(p.device_topic(task.device, "task"), task.message,
+                                      retain=True)
+
+    def _publish_round_message(self) -> None:
+        if self.round is None:
+            return
+        state = "finished" if self.finished else self.round.state
+        msg = p.make_control("round", run=self.run_id, round=self.round.number,
+                             rounds=self.cfg.rounds, state=state, deadline=self.round.deadline)
+        self.link.publish(p.cloud_topic("round"), msg, retain=True)
+
+    def _clear_tasks(self) -> None:
+        for device in self.fleet.ids:
+            self.link.publish(p.device_topic(device, "task"), b"", retain=True)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        device = "?"
+        try:
+            device, name = p.parse_device_topic(topic)
+            if self.fleet.index(device) is None:
+                raise p.ProtocolError("unknown device", device)
+            if name == "presence":
+                self._on_presence(device, payload)
+            elif name == "request":
+                msg = p.parse_control(payload, "fetch", "offer")
+                if msg["device"] != device:
+                    raise p.ProtocolError("device mismatch", f"{msg['device']} on {topic}")
+                (self._on_fetch if msg["type"] == "fetch" else self._on_offer)(device, msg)
+            elif name == "update":
+                self._on_chunk(device, p.parse_chunk(payload))
+            else:
+                raise p.ProtocolError("bad topic", topic)
+        except p.ProtocolError as e:
+            self._reject(device, e.reason, e.detail)
+
+    def _reject(self, device: str, reason: str, detail: str) -> None:
+        if self.round is not None:
+            self.round.rejected[reason] += 1
+        self.logged[reason] += 1
+        if self.logged[reason] <= self.opts.log_limit:
+            self.log(f"rejected from {device}: {reason}: {detail}")
+
+    def _on_presence(self, device: str, payload: bytes) -> None:
+        if not payload:  # a retained presence being cleared
+            return
+        msg = p.parse_control(payload, "hello", "bye")
+        if msg["device"] != device:
+            raise p.ProtocolError("device mismatch", msg["device"])
+        before = self.presence.get(device, {}).get("type")
+        self.presence[device] = msg
+        if msg["type"] == "hello" and before != "hello":
+            tier = self.fleet.devices[self.fleet.index(device)].tier
+            note = ""
+            if msg["tier"] is not None and msg["tier"] < tier:
+                note = f" (declares tier {msg['tier']}: it will refuse tier-{tier} tasks)"
+            self.log(f"device {device} online: tier {tier}, {msg['samples']} samples, "
+                     f"software {msg['software']}{note}")
+        elif msg["type"] == "bye" and before != "bye":
+            self.log(f"device {device} offline: {msg['reason']}")
+
+    def _current(self, device: str, msg: dict[str, Any]) -> Task:
+        """The open round's task of ``device`` that ``msg`` is about, or a ProtocolError."""
+        rnd = self.round
+        if msg["run"] != self.run_id or rnd is None:
+            raise p.ProtocolError("unknown run", msg["run"])
+        if msg["round"] != rnd.number or rnd.state != "open":
+            raise p.ProtocolError("stale round", f"round {msg['round']}, open: "
+                                                 f"{rnd.number if rnd.state == 'open' else None}")
+        task = rnd.tasks.get(device)
+        if task is None:
+            raise p.ProtocolError("no task", f"{device} has no task in round {rnd.number}")
+        return task
+
+    # ------------------------------------------------------------------ weights out
+    def _on_fetch(self, device: str, msg: dict[str, Any]) -> None:
+        task = self._current(device, msg)
+        assert self.round is not None
+        blob, ref = self.round.blobs[task.key]
+        if msg["sha256"] != ref.sha256:
+            raise p.ProtocolError("unknown blob", msg["sha256"][:16])
+        wanted = msg["missing"] if msg["missing"] is not None else range(ref.chunks)
+        queued = {(d, i) for d, _, i, _ in self.sending}
+        for i in wanted:
+            if i < ref.chunks and (device, i) not in queued:
+                self.sending.append((device, task.key, i, self.round.number))
+
+    def _send_chunks(self) -> None:
+        """Publish queued weight chunks while fewer than ``send_window`` await their PUBACK."""
+        rnd = self.round
+        while self.sending and len(self.inflight) < self.opts.send_window:
+            if not self.link.connected.is_set() or rnd is None:
+                return
+            device, key, index, number = self.sending.popleft()
+            if number != rnd.number or rnd.state != "open":
+                continue
+            blob, ref = rnd.blobs[key]
+            frame = p.chunk_frame(blob, ref, index, self.run_id, number)
+            info = self.link.publish(p.device_topic(device, "weights"), frame)
+            self.inflight.add(info.mid)
+            rnd.bytes_down += len(frame)
+
+    # ------------------------------------------------------------------ updates in
+    def _reply(self, device: str, sha: str, status: str, reason: str = "") -> None:
+        assert self.round is not None
+        self.link.publish(p.device_topic(device, "reply"), p.make_control(
+            "reply", run=self.run_id, round=self.round.number, device=device, sha256=sha,
+            status=status, reason=reason[:300]))
+
+    def _on_offer(self, device: str, msg: dict[str, Any]) -> None:
+        task = self._current(device, msg)
+        rnd = self.round
+        assert rnd is not None
+        ref: p.BlobRef = msg["blob"]
+        if device in rnd.accepted:  # a repeated offer: say again what happened
+            self._reply(device, rnd.accepted[device]["sha256"], "accepted", "duplicate offer")
+            return
+        if ref.size > task.max_update:
+            self._reply(device, ref.sha256, "rejected", "update larger than the task's model")
+            raise p.ProtocolError("oversized update", f"{ref.size} > {task.max_update} bytes")
+        current = rnd.uploads.get(device)
+        if current is not None and current.ref == ref:
+            current.last_activity = time.monotonic()
+            self._reply(device, ref.sha256, "send" if current.reassembly else "wait")
+            return
+        rnd.uploads[device] = Upload(ref, msg)  # a new blob replaces an older upload
+        if device not in rnd.waiting:
+            rnd.waiting.append(device)
+        self._grant_slots()
+        if rnd.uploads[device].reassembly is None:
+            self._reply(device, ref.sha256, "wait", "all upload slots busy")
+
+    def _grant_slots(self) -> None:
+        rnd = self.round
+        assert rnd is not None
+        busy = sum(1 for u in rnd.uploads.values() if u.reassembly is not None)
+        while rnd.waiting and busy < self.opts.upload_slots:
+            device = rnd.waiting.popleft()
+            upload = rnd.uploads.get(device)
+            if upload is None or upload.reassembly is not None:
+                continue
+            upload.reassembly = p.Reassembly(upload.ref)
+            upload.last_activity = time.monotonic()
+            busy += 1
+            self._reply(device, upload.ref.sha256, "send")
+
+    def _expire_uploads(self) -> None:
+        rnd = self.round
+        if rnd is None:
+            return
+        now = time.monotonic()
+        for device, up in list(rnd.uploads.items()):
+            if up.reassembly is not None and now - up.last_activity > self.opts.slot_timeout:
+                del rnd.uploads[device]
+                self._reject(device, "missing chunks", f"upload stalled {self.opts.slot_timeout:g}"
+                             f"s, missing {up.reassembly.missing()[:20]}: slot freed")
+        self._grant_slots()
+
+    def _on_chunk(self, device: str, chunk: p.Chunk) -> None:
+        rnd = self.round
+        if chunk.run != self.run_id or rnd is None:
+            raise p.ProtocolError("unknown run", chunk.run)
+        if chunk.round != rnd.number or rnd.state != "open":
+            raise p.ProtocolError("stale round", f"chunk of round {chunk.round}")
+        up = rnd.uploads.get(device)
+        if device in rnd.accepted:
+            raise p.ProtocolError("duplicate chunk", f"update of {device} already accepted")
+        if up is None or up.reassembly is None:
+            raise p.ProtocolError("unexpected chunk", "no upload slot granted")
+        if not up.reassembly.add(chunk):
+            raise p.ProtocolError("duplicate chunk", f"chunk {chunk.index} again")
+        up.last_activity = time.monotonic()
+        if up.reassembly.complete:
+            self._finish_upload(device, up)
+
+    def _finish_upload(self, device: str, up: Upload) -> None:
+        rnd = self.round
+        assert rnd is not None and up.reassembly is not None
+        task = rnd.tasks[device]
+        del rnd.uploads[device]
+        try:
+            blob = up.reassembly.blob()
+            state, meta = p.decode_state(blob, task.spec, self.opts.transfer_dtype)
+            if (meta.get("run"), meta.get("round"), meta.get("device")) != (
+                    self.run_id, rnd.number, device):
+                raise p.ProtocolError("stale round", f"update says {meta.get('run')}/"
+                                                     f"{meta.get('round')}/{meta.get('device')}")
+        except p.ProtocolError as e:
+            self._reply(device, up.ref.sha256, "rejected", f"{e.reason}: {e.detail}")
+            self._grant_slots()
+            raise
+        offer = up.offer
+        rnd.aggregate.add(ClientUpdate(task.task, offer["samples"], state,
+                                       offer["loss"] if offer["loss"] is not None
+                                       else float("nan")))
+        rnd.accepted[device] = {"sha256": up.ref.sha256, "loss": offer["loss"],
+                                "local_acc": offer["local_acc"], "samples": offer["samples"]}
+        rnd.bytes_up += len(blob)
+        self._reply(device, up.ref.sha256, "accepted")
+        self._grant_slots()
+
+
+# ---------------------------------------------------------------------- helpers
+def _max_update(spec: p.TensorSpec, dtype: str) -> int:
+    wire = p.WIRE_DTYPES[dtype]
+    total = 0
+    for shape, dt in spec.values():
+        itemsize = torch.empty((), dtype=wire if dt.is_floating_point else dt).element_size()
+        total += int(np.prod(shape, dtype=np.int64)) * itemsize
+    return total + HEADER_SLACK
+
+
+def _load_eval(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(path, allow_pickle=False) as f:
+        return torch.from_numpy(np.asarray(f["x"], np.float32)), torch.from_numpy(
+            np.asarray(f["y"], np.int64))
+
+
+def _global_accuracy(model: str, state: State, data: tuple[torch.Tensor, torch.Tensor],
+                     exits: int) -> dict[str, float | None]:
+    net = build_model(model)
+    net.load_state_dict(state)
+    acc = accuracy_per_exit(net, data[0], data[1])
+    return {str(e): (acc[e - 1] if e <= exits else None) for e in range(1, NUM_BLOCKS + 1)}
+
+
+def _device_accuracy(tier_of: dict[str, int], accepted: dict[str, dict[str, Any]]
+                     ) -> dict[str, Any]:
+    """Devices' own test accuracy of the model they were sent (the previous global model), at
+    their deepest exit, by tier: the authors' "mean local test accuracy", reported by devices."""
+    by_tier: dict[int, list[float]] = {}
+    for device, u in accepted.items():
+        if u["local_acc"]:
+            by_tier.setdefault(tier_of[device], []).append(u["local_acc"][-1])
+    if not by_tier:
+        return {}
+    every = [a for v in by_tier.values() for a in v]
+    return {"tier": {str(t): float(np.mean(by_tier[t])) if t in by_tier else None
+                     for t in (1, 2, 3)}, "local_mean": float(np.mean(every))}
+
+
+def format_fleet_round(row: dict[str, Any], rounds: int) -> str:
+    sel, got = row["selected"], row["participants"]
+    parts = [f"round {row['round']:>3}/{rounds}", f"{row['elapsed_s']:6.1f}s",
+             f"devices {row['devices_online']}/{row['devices']}",
+             "updates " + " ".join(f"t{t}:{got[t]}/{sel[t]}" for t in ("1", "2", "3"))]
+    if row.get("train_loss") is not None:
+        parts.append(f"loss {row['train_loss']:.3f}")
+    if row["rejected"]:
+        parts.append(f"rejected {sum(row['rejected'].values())}")
+    if "acc" in row:
+        g = row["acc"]["global"]
+        parts.append("global[" + " ".join(f"{k}:{v:.3f}" if v is not None else f"{k}:-"
+                                          for k, v in g.items()) + "]")
+    if "device_acc" in row:
+        parts.append(f"devices-local {row['device_acc']['local_mean']:.3f}")
+    if "note" in row:
+        parts.append(f"({row['note']})")
+    return "  ".join(parts)
+
+
+__all__ = ["CloudOptions", "FleetCloud", "format_fleet_round"]

@@ -1,0 +1,76 @@
+"""Streaming aggregation for the MQTT cloud: each accepted update is added to a running sum the
+moment it is verified, so the cloud never holds a round's updates as a list.
+
+What must be kept until the round closes is only what the server step needs after the last
+update: HypeMeFed's hypernetworks train on (block k, block k+1) conv pairs and then generate
+from each client's deepest conv weights, so for each update the conv weights of its blocks are
+kept (not its BatchNorm, biases or heads). Strategies that average by name (depthwise, fedavg,
+fedavg-small, heterofl) keep nothing. A strategy with a custom ``aggregate`` this module does
+not know is given the full list, as the simulator does.
+
+The result equals ``strategy.aggregate`` on the same updates (float64 sums in another order:
+differences far below 1e-6), which ``tests/test_mqtt_fleet.py`` checks against ``hmf
+simulate``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cloud.aggregation import RunningMean
+from cloud.strategies.base import ClientUpdate, Strategy
+from cloud.strategies.hypemefed import HypeMeFed, transitions
+from common.models import State
+
+
+class StreamingAggregate:
+    def __init__(self, strategy: Strategy, global_state: State, order: list[int]) -> None:
+        """``order``: the clients of the round's tasks in task order; the hypernetworks see
+        their training pairs in this order whatever the order of arrival, as in the simulator."""
+        self.strategy, self.global_state, self.order = strategy, global_state, order
+        self.acc = RunningMean(global_state)
+        self.hyper = isinstance(strategy, HypeMeFed)
+        self.custom = not self.hyper and type(strategy).aggregate is not Strategy.aggregate
+        self.kept: dict[int, ClientUpdate] = {}
+        self.full: list[ClientUpdate] = []
+        self.convs = {name for pair in transitions() for name in pair} if self.hyper else set()
+
+    def add(self, update: ClientUpdate) -> None:
+        if self.custom:
+            self.full.append(update)
+            return
+        self.acc.add(update.state, self.strategy.weight(update))
+        if self.hyper:
+            light = {k: v for k, v in update.state.items() if k in self.convs}
+            self.kept[update.task.client] = ClientUpdate(update.task, update.num_samples, light,
+                                                         update.train_loss)
+
+    def finish(self, server_round: int) -> tuple[State, dict[str, Any]]:
+        if self.custom:
+            rank = {c: i for i, c in enumerate(self.order)}
+            updates = sorted(self.full, key=lambda u: rank.get(u.task.client, len(rank)))
+            return self.strategy.aggregate(self.global_state, updates, server_round)
+        if not self.hyper:
+            return self.acc.result(), {}
+        return self._finish_hypemefed(server_round)
+
+    def _finish_hypemefed(self, server_round: int) -> tuple[State, dict[str, Any]]:
+        """HypeMeFed.aggregate's server step on the kept conv weights."""
+        strategy: HypeMeFed = self.strategy  # type: ignore[assignment]
+        start = time.perf_counter()
+        light = [self.kept[c] for c in self.order if c in self.kept]
+        metrics = strategy.train_hypernets(light, server_round)
+        generated = 0
+        for u in light:
+            extra = strategy.generate(u.state)
+            self.acc.add(extra, strategy.weight(u))
+            generated += len(extra)
+        metrics["hypernet_s"] = time.perf_counter() - start
+        metrics["generated_tensors"] = generated
+        untrained = [t for t, n in metrics["hypernet_pairs"].items() if n == 0]
+        if untrained:
+            metrics["note"] = ("no participant trained both blocks for " + ", ".join(untrained)
+                               + ": those hypernetworks were not trained this round")
+        self.kept.clear()
+        return self.acc.result(), metrics

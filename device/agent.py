@@ -1,0 +1,362 @@
+"""The device agent behind ``hmf-device join``: a board's side of a real fleet
+(protocol: docs/PROTOCOL.md).
+
+The device announces itself (retained hello, last will on disconnect), follows the cloud's
+retained round message, and for each task of its own: fetches the weights, trains them with
+``train_task`` and the seed the cloud sent (so it computes what the simulator computes),
+offers the update, uploads it when the cloud grants a slot, and waits for the receipt. Every
+request is repeated after ``retry_s`` without an answer, and at once after a reconnect; the
+cloud ignores repeats. A trained update is kept in the work directory until accepted, so a
+restarted device, or a restarted cloud that re-runs the round, does not train twice.
+
+All work runs on the main thread; paho's callbacks only enqueue events (common/mqtt_link.py).
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common import protocol as p
+from common import tensorfile
+from common.models import SPECS, build_model
+from common.mqtt_link import BrokerSettings, Link
+from common.training import TrainConfig, accuracy_per_exit, train_task
+
+SOFTWARE = "hmf-device/0.1.0"
+
+
+class Stop(Exception):
+    """Raised by the signal handler to leave whatever the device is doing, training included."""
+
+
+def load_device_data(path: str | Path) -> dict[str, np.ndarray]:
+    """x (float32), y (int64), and optionally test_x, test_y: never unpickled."""
+    with np.load(path, allow_pickle=False) as f:
+        names = set(f.files)
+        if not {"x", "y"} <= names:
+            raise ValueError(f"{path} must hold arrays x and y (it has {sorted(names)})")
+        data = {"x": np.asarray(f["x"], np.float32), "y": np.asarray(f["y"], np.int64)}
+        if {"test_x", "test_y"} <= names:
+            data["test_x"] = np.asarray(f["test_x"], np.float32)
+            data["test_y"] = np.asarray(f["test_y"], np.int64)
+    if len(data["x"]) != len(data["y"]):
+        raise ValueError(f"{path}: {len(data['x'])} samples but {len(data['y'])} labels")
+    return data
+
+
+class DeviceAgent:
+    def __init__(self, device_id: str, broker: BrokerSettings, data: dict[str, np.ndarray],
+                 work_dir: str | Path, tier: int | None = None, retry_s: float = 10.0,
+                 stay: bool = False, log: Callable[[str], None] = print) -> None:
+        self.id = p.check_device_id(device_id)
+        self.data, self.tier, self.retry_s, self.stay, self.log = data, tier, retry_s, stay, log
+        self.work = Path(work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        topics = [p.cloud_topic("round"), p.cloud_topic("status")]
+        topics += [p.device_topic(self.id, n) for n in p.DEVICE_DOWN]
+        bye = p.make_control("bye", device=self.id, reason="connection lost")
+        self.link = Link(self.id, broker, topics, will=(self.topic("presence"), bye))
+        self.round: dict[str, Any] | None = None
+        self.task: dict[str, Any] | None = None
+        self.download: p.Reassembly | None = None
+        self.result: dict[str, Any] | None = self._load_result()
+        self.done: set[tuple[str, int]] = set()
+        self.runs_seen: set[str] = set()  # runs seen open: only their end makes us leave
+        self.phase = "idle"  # idle | fetching | offering | sending
+        self.last_sent = 0.0
+        self.stopping = False
+        self.training = False
+
+    def topic(self, name: str) -> str:
+        return p.device_topic(self.id, name)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        """Until the run finishes (or forever with ``stay``), or SIGINT/SIGTERM: exit code 0."""
+        if threading.current_thread() is threading.main_thread():  # (tests run agents in threads)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
+        self.log(f"{self.id}: joining {self.link.settings.host}:{self.link.settings.port} "
+                 f"({len(self.data['x'])} samples, tier {self.tier or 'as assigned'})")
+        self.link.start()
+        try:
+            while not self.stopping:
+                try:
+                    ev = self.link.events.get(timeout=0.5)
+                    self._handle(ev)
+                except queue.Empty:
+                    pass
+                self._retry()
+        except Stop:
+            self.log(f"{self.id}: stopping on signal")
+        finally:
+            bye = p.make_control("bye", device=self.id, reason="left")
+            self.link.stop(last=(self.topic("presence"), bye))
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+        if self.training:
+            raise Stop()
+
+    def _handle(self, ev: tuple[Any, ...]) -> None:
+        if ev[0] == "connected":
+            self.log(f"{self.id}: connected; hello sent")
+            hello = p.make_control("hello", device=self.id, tier=self.tier,
+                                   samples=len(self.data["x"]), software=SOFTWARE)
+            self.link.publish(self.topic("presence"), hello, retain=True)
+            self.last_sent = 0.0  # repeat the pending request at once
+        elif ev[0] == "disconnected":
+            self.log(f"{self.id}: lost the broker ({ev[1]}): reconnecting with backoff")
+        elif ev[0] == "refused":
+            self.log(f"{self.id}: the broker refused the connection: {ev[1]}")
+        elif ev[0] == "message":
+            try:
+                self._on_message(ev[1], ev[2])
+            except p.ProtocolError as e:
+                self.log(f"{self.id}: ignored a message on {ev[1]}: {e}")
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == p.cloud_topic("status"):
+            if payload:
+                self._on_cloud_status(p.parse_control(payload, "status")["state"])
+        elif topic == p.cloud_topic("round"):
+            if payload:
+                self._on_round(p.parse_control(payload, "round"))
+        elif topic == self.topic("task"):
+            if payload:
+                self._on_task(p.parse_control(payload, "task"))
+        elif topic == self.topic("weights"):
+            self._on_weights(p.parse_chunk(payload))
+        elif topic == self.topic("reply"):
+            self._on_reply(p.parse_control(payload, "reply"))
+
+    # ------------------------------------------------------------------ state machine
+    def _on_cloud_status(self, state: str) -> None:
+        """A cloud that (re)starts may have lost what it accepted before: offer again what this
+        device did for the current round (the cloud ignores an offer it already has)."""
+        self.log(f"{self.id}: cloud {state}")
+        if state == "online":
+            self.done.clear()
+            self.last_sent = 0.0
+            self._advance()
+
+    def _on_round(self, msg: dict[str, Any]) -> None:
+        if self.round == msg:
+            return
+        self.round = msg
+        self.last_sent = 0.0  # a re-opened round: repeat a pending request at once
+        if msg["state"] == "finished":
+            self.phase, self.download = "idle", None
+            if msg["run"] not in self.runs_seen:  # a retained message of an earlier run
+                self.log(f"{self.id}: run {msg['run']} has finished; waiting for a new run")
+                return
+            self.log(f"{self.id}: run {msg['run']} finished after {msg['round']} rounds")
+            if not self.stay:
+                self.stopping = True
+            return
+        self.runs_seen.add(msg["run"])
+        left = msg["deadline"] - time.time()
+        self.log(f"{self.id}: round {msg['round']}/{msg['rounds']} {msg['state']}"
+                 + (f" (deadline in {left:.0f}s)" if msg["state"] == "open" else ""))
+        self._advance()
+
+    def _on_task(self, msg: dict[str, Any]) -> None:
+        if msg["device"] != self.id:
+            raise p.ProtocolError("device mismatch", msg["device"])
+        if self.task and _key(self.task) == _key(msg):
+            return
+        self.task = msg
+        self._advance()
+
+    def _active(self) -> dict[str, Any] | None:
+        """The task to work on now: one for the open round of the current run."""
+        r, t = self.round, self.task
+        if not r or not t or r["state"] != "open" or (t["run"], t["round"]) != (
+                r["run"], r["round"]) or (t["run"], t["round"]) in self.done:
+            return None
+        return t
+
+    def _advance(self) -> None:
+        task = self._active()
+        if task is None:
+            self.phase, self.download = "idle", None
+            return
+        if self.phase != "idle":
+            return
+        if self.result and self.result["key"] == list(_key(task)):
+            self.log(f"{self.id}: round {task['round']}: update already trained, offering it")
+            self._offer()
+            return
+        if self.tier is not None and task["depth"] > self.tier:
+            self.log(f"{self.id}: round {task['round']}: refusing a depth-{task['depth']} task "
+                     f"(this device declared tier {self.tier})")
+            self.done.add((task["run"], task["round"]))
+            return
+        ref = task["weights"]
+        self.download = p.Reassembly(ref)
+        self.log(f"{self.id}: round {task['round']}: task depth {task['depth']}; downloading "
+                 f"{ref.size / 1e6:.1f} MB of weights in {ref.chunks} chunk(s)")
+        self.phase = "fetching"
+        self._fetch()
+
+    def _fetch(self) -> None:
+        task, d = self.task, self.download
+        assert task is not None and d is not None
+        missing = d.missing() if d.have else None
+        self._send("request", p.make_control("fetch", run=task["run"], round=task["round"],
+                                             device=self.id, sha256=d.ref.sha256,
+                                             missing=missing))
+
+    def _send(self, name: str, payload: bytes) -> None:
+        self.link.publish(self.topic(name), payload)
+        self.last_sent = time.monotonic()
+
+    def _retry(self) -> None:
+        if self.phase == "idle" or time.monotonic() - self.last_sent < self.retry_s:
+            return
+        if self._active() is None:
+            self.phase, self.download = "idle", None
+            return
+        if not self.link.connected.is_set():
+            return
+        if self.phase == "fetching" and self.download is not None:
+            self.log(f"{self.id}: weights incomplete: asking again")
+            self._fetch()
+        else:
+            self.log(f"{self.id}: no receipt for the update: offering again")
+            self._offer()
+
+    def _on_weights(self, chunk: p.Chunk) -> None:
+        d, task = self.download, self._active()
+        if d is None or task is None or self.phase != "fetching":
+            return  # late or repeated chunks of a finished download
+        if chunk.sha256 != d.ref.sha256 or (chunk.run, chunk.round) != (task["run"],
+                                                                         task["round"]):
+            raise p.ProtocolError("unexpected blob", chunk.sha256[:16])
+        d.add(chunk)
+        self.last_sent = time.monotonic()  # progress: no need to ask again yet
+        if not d.complete:
+            return
+        try:
+            blob = d.blob()
+            self.download = None
+            self._train(task, blob)
+        except p.ProtocolError:
+            self.download = p.Reassembly(d.ref)  # start over: the retry timer asks again
+            self.phase = "fetching"
+            raise
+
+    def _train(self, task: dict[str, Any], blob: bytes) -> None:
+        model_name = task["model"]
+        if model_name not in SPECS:
+            raise p.ProtocolError("bad field", f"unknown model {model_name}")
+        model = build_model(model_name, depth=task["depth"], width_fraction=task["width"])
+        state, _ = p.decode_state(blob, p.spec_of(model.state_dict()), task["dtype"])
+        x, y = torch.from_numpy(self.data["x"]), torch.from_numpy(self.data["y"])
+        if tuple(x.shape[1:]) != SPECS[model_name].input_shape:
+            self.log(f"{self.id}: data shape {tuple(x.shape[1:])} does not fit {model_name} "
+                     f"{SPECS[model_name].input_shape}: skipping round {task['round']}")
+            self.phase = "idle"
+            self.done.add((task["run"], task["round"]))
+            return
+        local_acc = self._local_accuracy(model, state)
+        cfg = TrainConfig(task["train"]["epochs"], task["train"]["batch_size"],
+                          task["train"]["lr"])
+        self.log(f"{self.id}: round {task['round']}: training {cfg.epochs} epoch(s) on "
+                 f"{len(x)} samples")
+        start = time.perf_counter()
+        self.training = True
+        try:
+            trained, loss = train_task(model, state, x, y, cfg, task["seed"])
+        finally:
+            self.training = False
+        meta = {"run": task["run"], "round": task["round"], "device": self.id,
+                "samples": len(x), "loss": loss}
+        update = p.encode_state(trained, task["dtype"], meta)
+        self.log(f"{self.id}: round {task['round']}: trained in "
+                 f"{time.perf_counter() - start:.1f}s, loss {loss:.3f}; offering the update "
+                 f"({len(update) / 1e6:.1f} MB)")
+        self.result = {"key": list(_key(task)), "blob": update, "samples": len(x),
+                       "loss": loss if np.isfinite(loss) else None, "local_acc": local_acc}
+        self._save_result()
+        self._offer()
+
+    def _local_accuracy(self, model: torch.nn.Module, state: dict[str, torch.Tensor]
+                        ) -> list[float] | None:
+        """Accuracy of the received (global) model on this device's own test split."""
+        if "test_x" not in self.data or len(self.data["test_x"]) == 0:
+            return None
+        model.load_state_dict(state)
+        return accuracy_per_exit(model, torch.from_numpy(self.data["test_x"]),
+                                 torch.from_numpy(self.data["test_y"]))
+
+    def _offer(self) -> None:
+        task, res = self._active(), self.result
+        if task is None or res is None:
+            return
+        self.phase = "offering"
+        self._send("request", p.make_control(
+            "offer", run=task["run"], round=task["round"], device=self.id,
+            blob=p.blob_ref(res["blob"]), samples=res["samples"], loss=res["loss"],
+            local_acc=res["local_acc"]))
+
+    def _on_reply(self, msg: dict[str, Any]) -> None:
+        task, res = self._active(), self.result
+        if task is None or res is None or (msg["run"], msg["round"], msg["device"]) != (
+                task["run"], task["round"], self.id):
+            return
+        ref = p.blob_ref(res["blob"])
+        if msg["sha256"] != ref.sha256:
+            return
+        self.last_sent = time.monotonic()
+        if msg["status"] == "send":
+            self.phase = "sending"
+            for i in range(ref.chunks):
+                self.link.publish(self.topic("update"),
+                                  p.chunk_frame(res["blob"], ref, i, task["run"], task["round"]))
+            self.log(f"{self.id}: round {task['round']}: uploading {ref.chunks} chunk(s)")
+        elif msg["status"] == "wait":
+            self.phase = "offering"
+        else:
+            verdict = "accepted" if msg["status"] == "accepted" else \
+                f"rejected ({msg['reason']})"
+            self.log(f"{self.id}: round {task['round']}: update {verdict}; waiting for the "
+                     "next round")
+            self.done.add((task["run"], task["round"]))
+            self.phase = "idle"
+
+    # ------------------------------------------------------------------ work-dir cache
+    def _save_result(self) -> None:
+        res = self.result
+        assert res is not None
+        meta = {k: v for k, v in res.items() if k != "blob"}
+        tensorfile.save(self.work / "update.hmf", {"blob": torch.frombuffer(
+            bytearray(res["blob"]), dtype=torch.uint8)}, meta)
+
+    def _load_result(self) -> dict[str, Any] | None:
+        path = self.work / "update.hmf"
+        if not path.exists():
+            return None
+        try:
+            tensors, meta = tensorfile.load(path)
+            return {**meta, "blob": tensors["blob"].numpy().tobytes()}
+        except (tensorfile.TensorFileError, KeyError, OSError):
+            return None
+
+
+def _key(task: dict[str, Any]) -> tuple[str, int, str, int]:
+    """What makes two tasks the same work: run, round, weights and seed."""
+    return (task["run"], task["round"], task["weights"].sha256, task["seed"])
+
+
+__all__ = ["DeviceAgent", "Stop", "load_device_data"]

@@ -1,0 +1,178 @@
+"""Hostile and broken input against a running cloud, through a real mosquitto: every bad message
+is refused and logged with its reason, the cloud keeps going, and the one valid update of the
+round is exactly what gets aggregated."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+from mqtt_broker import Broker, mosquitto_binary
+
+from cloud.config import RunConfig
+from cloud.fleet import Fleet, FleetDevice
+from cloud.runlog import read_metrics
+from cloud.server import CloudOptions, FleetCloud
+from cloud.simulation import initial_state
+from common import protocol as p
+from common.models import build_model, tier_state
+from common.mqtt_link import Link, broker_settings
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+
+class Impostor:
+    """A raw client on an anonymous broker, speaking for any device it likes."""
+
+    def __init__(self, url: str) -> None:
+        self.link = Link("impostor", broker_settings(url), [p.device_topic("+", "+")])
+        self.link.start()
+        assert self.link.connected.wait(10)
+        time.sleep(0.2)
+        self.seen: list[tuple[str, bytes]] = []
+
+    def send(self, device: str, name: str, payload: bytes) -> None:
+        self.link.publish(p.device_topic(device, name), payload).wait_for_publish(5)
+
+    def wait(self, topic: str, accept=lambda msg: True, timeout: float = 20.0) -> bytes:
+        for t, payload in self.seen:
+            if t == topic and accept(payload):
+                self.seen.remove((t, payload))
+                return payload
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ev = self.link.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if ev[0] != "message":
+                continue
+            if ev[1] == topic and ev[2] and accept(ev[2]):
+                return ev[2]
+            self.seen.append((ev[1], ev[2]))
+        raise AssertionError(f"nothing on {topic} within {timeout}s")
+
+
+def test_hostile_input_is_refused_logged_and_survived(tmp_path):
+    broker = Broker(tmp_path).start()
+    cfg = RunConfig(model="mnist", strategy="depthwise", clients=2, participants=1,
+                    tier_mix=(1.0, 0.0, 0.0), rounds=1, seed=1)
+    fleet = Fleet([FleetDevice("dev-a", 1), FleetDevice("dev-b", 1)])
+    lines: list[str] = []
+    opts = CloudOptions(min_updates=1, round_timeout=120, wait_devices=0, slot_timeout=1.0,
+                        log_limit=100)
+    cloud = FleetCloud(cfg, fleet, tmp_path / "run", broker_settings(broker.url), opts,
+                       log=lines.append)
+    thread = threading.Thread(target=cloud.run, daemon=True)
+    bad = Impostor(broker.url)
+    try:
+        thread.start()
+        task = p.parse_control(bad.wait("hmf/v1/devices/dev-a/task")
+                               if cloud_tasks(cfg, fleet) == "dev-a"
+                               else bad.wait("hmf/v1/devices/dev-b/task"), "task")
+        me, other = task["device"], ({"dev-a", "dev-b"} - {task["device"]}).pop()
+        run, rnd = task["run"], task["round"]
+        good = {k: (v + 0.5 if v.is_floating_point() else v)
+                for k, v in tier_state(initial_state(cfg), 1).items()}
+        meta = {"run": run, "round": rnd, "device": me}
+
+        def offer(blob: bytes, ref: p.BlobRef | None = None, device: str = me,
+                  at_round: int = rnd) -> p.BlobRef:
+            ref = ref or p.blob_ref(blob, 200_000)
+            bad.send(device, "request", p.make_control(
+                "offer", run=run, round=at_round, device=device, blob=ref, samples=10,
+                loss=1.0, local_acc=None))
+            return ref
+
+        def upload(blob: bytes, frames: list[int] | None = None, ref: p.BlobRef | None = None
+                   ) -> str:
+            """Offer, wait for 'send', send the chosen frames; the cloud's verdict (or '')."""
+            ref = offer(blob, ref)
+            sha = ref.sha256
+            status = lambda m: p.parse_control(m, "reply")["sha256"] == sha  # noqa: E731
+            reply = p.parse_control(bad.wait(f"hmf/v1/devices/{me}/reply", status), "reply")
+            assert reply["status"] == "send"
+            for i in frames if frames is not None else range(ref.chunks):
+                bad.send(me, "update", p.chunk_frame(blob, ref, i, run, rnd))
+            if frames is not None and len(set(frames)) < ref.chunks:
+                return ""
+            reply = p.parse_control(bad.wait(f"hmf/v1/devices/{me}/reply", status), "reply")
+            return f"{reply['status']}: {reply['reason']}"
+
+        # -- control messages that are not even valid
+        bad.send(me, "request", b"{" + b" " * 70_000 + b"}")
+        bad.send(me, "request", b"{not json")
+        bad.send(me, "request", b'{"schema": 99, "type": "offer"}')
+        bad.send("mallory", "presence", p.make_control("hello", device="mallory", tier=1,
+                                                       samples=1, software="x"))
+        bad.send(me, "presence", p.make_control("hello", device=other, tier=1, samples=1,
+                                                software="x"))
+        offer(p.encode_state(good, meta=meta), at_round=rnd + 5)  # a round not open
+        offer(p.encode_state(good, meta=meta), device=other)  # has no task this round
+        bad.send(me, "update", b"\x00garbage")
+        bad.send(me, "update", p.chunk_frames(b"x" * 10, run, rnd)[1][0])  # no slot granted
+        # -- uploads that reassemble but must not be aggregated
+        w = "blocks.0.conv1.weight"
+        nan = {**good, w: good[w].clone().fill_(float("nan"))}
+        inf = {**good, w: good[w].clone().fill_(float("inf"))}
+        renamed = {("x" + k if k == w else k): v for k, v in good.items()}
+        reshaped = {**good, w: good[w].reshape(-1)}
+        deeper = tier_state(build_model("mnist", depth=2).state_dict(), 2)
+        verdicts = {
+            "non-finite values": upload(p.encode_state(nan, meta=meta)),
+            "non-finite values (inf)": upload(p.encode_state(inf, meta=meta)),
+            "tensor names": upload(p.encode_state(renamed, meta=meta)),
+            "tensor shape": upload(p.encode_state(reshaped, meta=meta)),
+            "tensor dtype": upload(p.encode_state(good, "float16", meta=meta)),
+            "stale round": upload(p.encode_state(good, meta={**meta, "round": rnd - 1})),
+            "malformed tensors": upload(b"\x05" * 1000),
+        }
+        blob = p.encode_state(good, meta=meta)
+        forged = p.BlobRef("0" * 64, len(blob), 2, 200_000)  # chunks claim a hash that lies
+        verdicts["checksum mismatch"] = upload(blob, [0, 1], ref=forged)
+        assert upload(p.encode_state(good, meta={**meta, "samples": 1}), [0]) == ""
+        time.sleep(2.0)  # slot_timeout: the half-sent upload is dropped, its slot freed
+        oversized = p.encode_state(deeper, meta=meta)
+        offer(oversized)
+        reply = p.parse_control(bad.wait(f"hmf/v1/devices/{me}/reply"), "reply")
+        assert reply["status"] == "rejected" and "larger" in reply["reason"]
+        for reason, verdict in verdicts.items():
+            assert verdict.startswith(f"rejected: {reason.split(' (')[0]}"), (reason, verdict)
+        # -- the one valid update, with a duplicated chunk; then the round closes on it
+        valid = upload(blob, [0, 0, 1])
+        assert valid == "accepted: "
+        thread.join(60)
+        assert not thread.is_alive(), "\n".join(lines)
+    finally:
+        bad.link.stop()
+        broker.stop()
+    (row,) = read_metrics(tmp_path / "run")
+    expected = {"oversized message", "malformed json", "unknown schema", "unknown device",
+                "device mismatch", "stale round", "no task", "malformed chunk",
+                "unexpected chunk", "non-finite values", "tensor names", "tensor shape",
+                "tensor dtype", "malformed tensors", "checksum mismatch", "missing chunks",
+                "oversized update", "duplicate chunk"}
+    assert expected <= set(row["rejected"]), set(row["rejected"]) ^ expected
+    logged = "\n".join(lines)
+    for reason in expected:
+        assert f": {reason}: " in logged, reason
+    assert row["participants"] == {"1": 1, "2": 0, "3": 0}
+    final = cloud_state(tmp_path / "run")
+    for k, v in good.items():
+        assert torch.equal(final[k], v), k  # exactly the valid update, nothing else
+
+
+def cloud_tasks(cfg: RunConfig, fleet: Fleet) -> str:
+    from cloud.fleet import select
+
+    (client, _), = select(fleet.federation(cfg.participants, cfg.tier_mix), cfg.seed, 1)
+    return fleet.devices[client].id
+
+
+def cloud_state(out) -> dict[str, torch.Tensor]:
+    from cloud.checkpoint import load_checkpoint
+
+    return load_checkpoint(out)[1]

@@ -10,7 +10,8 @@ publisher and plain subscribers take to move the same bytes (each subscriber ech
 back, as a device returns its update). Target: a round within twice the bare transfer, with
 flat cloud memory.
 
-    .venv/bin/python bench/mqtt_scale.py --devices 50,100,250,500 --json bench/results/mqtt_scale.json
+    .venv/bin/python bench/mqtt_scale.py --devices 50,100,250,500 \
+        --json bench/results/mqtt_scale.json
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ that cover it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-from common.models import State
+from common.models import State, build_model
 
 
 def leading_slice(shape: torch.Size | tuple[int, ...]) -> tuple[slice, ...]:
@@ -67,3 +69,18 @@ def average_states(global_state: State, contributions: list[tuple[State, float]]
     for state, weight in contributions:
         acc.add(state, weight)
     return acc.result()
+
+
+@torch.no_grad()
+def static_bn_statistics(model_name: str, state: State, batches: Iterable[torch.Tensor]) -> State:
+    """``state`` with BatchNorm running statistics replaced by their average over ``batches``."""
+    model = build_model(model_name)
+    model.load_state_dict(state)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches, not an exponential one
+    model.train()
+    for batch in batches:
+        model(batch)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

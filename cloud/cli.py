@@ -77,6 +77,9 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @_opt("batch-size", "Local batch size.", type=int)
 @_opt("lr", "Local Adam learning rate.", type=float)
 @_opt("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"]))
+@click.option("--static-bn/--no-static-bn", default=None,
+              help="Recompute BatchNorm statistics on the server from participants' data each "
+              "round (HeteroFL's static BN). [default: on for heterofl only]")
 @_opt("seed", "Seed of everything random.", type=int)
 @_opt("device", "Torch device.", type=click.Choice(["cpu", "cuda"]))
 @_opt("eval-every", "Evaluate every N rounds (and the last).", type=int)

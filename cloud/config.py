@@ -35,6 +35,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 5e-3
     weighting: str = "uniform"
+    static_bn: bool | None = None  # None: the strategy's default (on for heterofl only)
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1

@@ -26,9 +26,10 @@ def state_bytes(state: State) -> int:
 
 
 def strategy_for(cfg: RunConfig) -> Strategy:
+    extra = {} if cfg.static_bn is None else {"static_bn": cfg.static_bn}
     return build_strategy(cfg.strategy, cfg.model, weighting=cfg.weighting, hypernet=cfg.hypernet,
                           rank=cfg.rank, hidden=cfg.hidden, epochs=cfg.hypernet_epochs,
-                          lr=cfg.hypernet_lr, seed=cfg.seed, device=cfg.device)
+                          lr=cfg.hypernet_lr, seed=cfg.seed, device=cfg.device, **extra)
 
 
 def initial_state(cfg: RunConfig) -> State:

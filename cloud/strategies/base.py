@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cloud.aggregation import average_states
+from cloud.aggregation import average_states, static_bn_statistics
 from common.models import NUM_BLOCKS, State, build_model, tier_state
 
 
@@ -38,6 +38,7 @@ class Strategy:
 
     model: str
     weighting: str = "uniform"  # or "samples"
+    static_bn: bool = False  # recompute BatchNorm statistics from participants' data (HeteroFL)
     name: str = field(default="base", init=False)
 
     def tasks(self, participants: list[tuple[int, int]]) -> list[ClientTask]:
@@ -61,7 +62,7 @@ class Strategy:
     def calibrate(self, state: State, batches: Iterable[torch.Tensor]) -> State:
         """Server-side fix-up of the aggregate from participants' data (HeteroFL's static BN);
         ``batches`` is lazy, so strategies that need nothing cost nothing."""
-        return state
+        return static_bn_statistics(self.model, state, batches) if self.static_bn else state
 
     def evaluated_exits(self) -> int:
         """How many exits of the global model this strategy trains."""

@@ -10,13 +10,13 @@ BatchNorm: HeteroFL's static BN. A channel's statistics depend on how many input
 it, so running statistics averaged across widths do not fit the full-width model (measured here:
 HAPT accuracy stuck near 49 % with them, against 76 % for FedAvg). After aggregation the server
 recomputes them for the full model from this round's participants' training data, as the
-HeteroFL paper's server queries clients (``static_bn_statistics``). The paper's scaler module is
-left out: every conv here is followed by BatchNorm, which cancels a constant output scale.
+HeteroFL paper's server queries clients (``static_bn``, see ``Strategy.calibrate``). The
+paper's scaler module is left out: every conv here is followed by BatchNorm, which cancels a
+constant output scale.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -53,23 +53,9 @@ def slice_state(global_state: State, shapes: dict[str, torch.Size]) -> State:
     return {k: global_state[k][tuple(slice(0, n) for n in s)].clone() for k, s in shapes.items()}
 
 
-@torch.no_grad()
-def static_bn_statistics(model_name: str, state: State, batches: Iterable[torch.Tensor]) -> State:
-    """``state`` with BatchNorm running statistics replaced by their average over ``batches``."""
-    model = build_model(model_name)
-    model.load_state_dict(state)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches, not an exponential one
-    model.train()
-    for batch in batches:
-        model(batch)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 @dataclass
 class HeteroFL(Strategy):
+    static_bn: bool = True
     name: str = field(default="heterofl", init=False)
 
     def tasks(self, participants: list[tuple[int, int]]) -> list[ClientTask]:
@@ -81,5 +67,4 @@ class HeteroFL(Strategy):
         shapes = {k: v.shape for k, v in module.state_dict().items()}
         return module, slice_state(global_state, shapes)
 
-    def calibrate(self, state: State, batches: Iterable[torch.Tensor]) -> State:
-        return static_bn_statistics(self.model, state, batches)
+

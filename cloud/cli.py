@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cloud.config import PRESETS, RunConfig, resolve
+from cloud.config import PRESETS
+from cloud.options import resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import NUM_BLOCKS, SPECS, build_model, macs_per_sample, param_count
-
-DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
-
-
-def _opt(name: str, help_text: str, **kw: Any):
-    """An option whose absence means 'not given' (so presets and config files can fill it);
-    the help shows RunConfig's default."""
-    default = DEFAULTS.get(name.replace("-", "_"))
-    shown = f" [default: {default}]" if default is not None else ""
-    return click.option(f"--{name}", default=None, help=help_text + shown, **kw)
 
 
 @click.group()
@@ -59,30 +49,28 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
               help="The authors' settings for svhn, stl10 or unimib (method.md).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of settings (keys = flag names); flags given override it.")
-@_opt("model", "Model and dataset.", type=click.Choice(list(SPECS)))
-@_opt("data-dir", "Directory holding the dataset's files (hapt: the shipped copy if omitted).")
-@_opt("strategy", "Aggregation strategy.", type=click.Choice(list(STRATEGIES)))
-@_opt("hypernet", "Hypernetwork kind (hypemefed).", type=click.Choice(["lrf", "naive"]))
-@_opt("rank", "LRF rank, clipped to the weight matrix.", type=int)
-@_opt("hidden", "Hypernetwork hidden size (lrf 512, naive 64 if unset).", type=int)
-@_opt("hypernet-epochs", "Hypernetwork epochs per round.", type=int)
-@_opt("hypernet-lr", "Hypernetwork Adam learning rate.", type=float)
-@_opt("rounds", "Rounds.", type=int)
-@_opt("clients", "Clients in the federation.", type=int)
-@_opt("participants", "Participants per round.", type=int)
-@_opt("tier-mix", "Fractions of tiers 1,2,3, e.g. 0.3,0.4,0.3.")
-@_opt("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
-@_opt("alpha", "Dirichlet concentration.", type=float)
-@_opt("local-epochs", "Local epochs per round.", type=int)
-@_opt("batch-size", "Local batch size.", type=int)
-@_opt("lr", "Local Adam learning rate.", type=float)
-@_opt("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"]))
-@click.option("--static-bn/--no-static-bn", default=None,
-              help="Recompute BatchNorm statistics on the server from participants' data each "
-              "round (HeteroFL's static BN). [default: on for heterofl only]")
-@_opt("seed", "Seed of everything random.", type=int)
-@_opt("device", "Torch device.", type=click.Choice(["cpu", "cuda"]))
-@_opt("eval-every", "Evaluate every N rounds (and the last).", type=int)
+@setting("model", "Model and dataset.", type=click.Choice(list(SPECS)))
+@setting("data-dir", "Directory holding the dataset's files (hapt: the shipped copy if omitted).")
+@setting("strategy", "Aggregation strategy.", type=click.Choice(list(STRATEGIES)))
+@setting("hypernet", "Hypernetwork kind (hypemefed).", type=click.Choice(["lrf", "naive"]))
+@setting("rank", "LRF rank, clipped to the weight matrix.", type=int)
+@setting("hidden", "Hypernetwork hidden size (lrf 512, naive 64 if unset).", type=int)
+@setting("hypernet-epochs", "Hypernetwork epochs per round.", type=int)
+@setting("hypernet-lr", "Hypernetwork Adam learning rate.", type=float)
+@setting("rounds", "Rounds.", type=int)
+@setting("clients", "Clients in the federation.", type=int)
+@setting("participants", "Participants per round.", type=int)
+@setting("tier-mix", "Fractions of tiers 1,2,3, e.g. 0.3,0.4,0.3.")
+@setting("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
+@setting("alpha", "Dirichlet concentration.", type=float)
+@setting("local-epochs", "Local epochs per round.", type=int)
+@setting("batch-size", "Local batch size.", type=int)
+@setting("lr", "Local Adam learning rate.", type=float)
+@setting("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"]))
+@static_bn
+@setting("seed", "Seed of everything random.", type=int)
+@setting("device", "Torch device.", type=click.Choice(["cpu", "cuda"]))
+@setting("eval-every", "Evaluate every N rounds (and the last).", type=int)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/simulate",
               show_default=True, help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
@@ -92,15 +80,8 @@ def simulate(preset: str | None, config_file: str | None, out: str, resume: bool
     from cloud.simulation import Simulation
     from common.data import DataError
 
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if "tier_mix" in overrides:
-        try:
-            overrides["tier_mix"] = tuple(float(f) for f in overrides["tier_mix"].split(","))
-        except ValueError:
-            raise click.BadParameter("three comma-separated fractions, e.g. 0.3,0.4,0.3",
-                                     param_hint="--tier-mix") from None
     try:
-        cfg = resolve(preset, config_file, overrides)
+        cfg = resolve_flags(preset, config_file, flags)
         click.echo(f"hmf simulate: {cfg.strategy} on {cfg.model}, {cfg.clients} clients, "
                    f"{cfg.participants} a round, {cfg.rounds} rounds -> {out}")
         Simulation(cfg, out, log=click.echo).run(resume=resume)

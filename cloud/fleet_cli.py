@@ -5,24 +5,15 @@ Registered on the ``hmf_cloud`` group of ``cloud/cli.py`` by ``register``.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cloud.config import PRESETS, RunConfig, resolve
+from cloud.config import PRESETS
+from cloud.options import resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import SPECS
-
-DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
-
-
-def _opt(name: str, help_text: str, **kw: Any):
-    """A RunConfig setting: absent means 'not given', so presets and config files can fill it."""
-    default = DEFAULTS.get(name.replace("-", "_"))
-    shown = f" [default: {default}]" if default is not None else ""
-    return click.option(f"--{name}", default=None, help=help_text + shown, **kw)
 
 
 def _auth_options(f):
@@ -42,18 +33,6 @@ def _auth_options(f):
     return f
 
 
-def _settings(preset: str | None, config_file: str | None, flags: dict[str, Any],
-              extra: dict[str, Any]) -> RunConfig:
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if "tier_mix" in overrides:
-        try:
-            overrides["tier_mix"] = tuple(float(f) for f in overrides["tier_mix"].split(","))
-        except ValueError:
-            raise click.BadParameter("three comma-separated fractions, e.g. 0.3,0.4,0.3",
-                                     param_hint="--tier-mix") from None
-    return resolve(preset, config_file, {**overrides, **extra})
-
-
 def _run_options(f):
     """The settings of ``hmf simulate`` that a fleet run uses."""
     for option in reversed([
@@ -61,22 +40,23 @@ def _run_options(f):
                      help="The authors' settings for svhn, stl10 or unimib."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                      help="TOML file of settings (keys = flag names)."),
-        _opt("model", "Model.", type=click.Choice(list(SPECS))),
-        _opt("strategy", "Aggregation strategy.", type=click.Choice(list(STRATEGIES))),
-        _opt("hypernet", "Hypernetwork kind (hypemefed).", type=click.Choice(["lrf", "naive"])),
-        _opt("rank", "LRF rank.", type=int),
-        _opt("hidden", "Hypernetwork hidden size.", type=int),
-        _opt("hypernet-epochs", "Hypernetwork epochs per round.", type=int),
-        _opt("hypernet-lr", "Hypernetwork learning rate.", type=float),
-        _opt("rounds", "Rounds.", type=int),
-        _opt("participants", "Participants per round.", type=int),
-        _opt("tier-mix", "Fractions of tiers 1,2,3 among participants."),
-        _opt("local-epochs", "Local epochs per round.", type=int),
-        _opt("batch-size", "Local batch size.", type=int),
-        _opt("lr", "Local learning rate.", type=float),
-        _opt("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"])),
-        _opt("seed", "Seed of everything random.", type=int),
-        _opt("eval-every", "Evaluate every N rounds (and the last).", type=int),
+        setting("model", "Model.", type=click.Choice(list(SPECS))),
+        setting("strategy", "Aggregation strategy.", type=click.Choice(list(STRATEGIES))),
+        setting("hypernet", "Hypernetwork kind (hypemefed).", type=click.Choice(["lrf", "naive"])),
+        setting("rank", "LRF rank.", type=int),
+        setting("hidden", "Hypernetwork hidden size.", type=int),
+        setting("hypernet-epochs", "Hypernetwork epochs per round.", type=int),
+        setting("hypernet-lr", "Hypernetwork learning rate.", type=float),
+        setting("rounds", "Rounds.", type=int),
+        setting("participants", "Participants per round.", type=int),
+        setting("tier-mix", "Fractions of tiers 1,2,3 among participants."),
+        setting("local-epochs", "Local epochs per round.", type=int),
+        setting("batch-size", "Local batch size.", type=int),
+        setting("lr", "Local learning rate.", type=float),
+        setting("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"])),
+        setting("seed", "Seed of everything random.", type=int),
+        static_bn,
+        setting("eval-every", "Evaluate every N rounds (and the last).", type=int),
     ]):
         f = option(f)
     return f
@@ -125,7 +105,7 @@ def start(broker: str, fleet_file: str, preset: str | None, config_file: str | N
         torch.set_num_threads(threads)
     try:
         fleet = Fleet.load(fleet_file)
-        cfg = _settings(preset, config_file, flags, {"clients": len(fleet.devices)})
+        cfg = resolve_flags(preset, config_file, flags, {"clients": len(fleet.devices)})
         settings = broker_settings(broker, username or ("hmf-cloud" if password_file else None),
                                    password_file, tls_ca, tls_cert, tls_key)
         opts = CloudOptions(min_updates=min_updates, round_timeout=round_timeout,
@@ -185,14 +165,14 @@ def broker_config(out: str, devices: tuple[str, ...], port: int | None, bind: st
 @click.option("--prefix", default="dev", show_default=True, help="Device id prefix.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
-@_opt("model", "Model and dataset.", type=click.Choice(list(SPECS)))
-@_opt("data-dir", "Dataset directory (hapt: the shipped copy if omitted).")
-@_opt("clients", "Clients (devices).", type=int)
-@_opt("participants", "Participants per round (checked against the tiers).", type=int)
-@_opt("tier-mix", "Fractions of tiers 1,2,3.")
-@_opt("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
-@_opt("alpha", "Dirichlet concentration.", type=float)
-@_opt("seed", "Seed.", type=int)
+@setting("model", "Model and dataset.", type=click.Choice(list(SPECS)))
+@setting("data-dir", "Dataset directory (hapt: the shipped copy if omitted).")
+@setting("clients", "Clients (devices).", type=int)
+@setting("participants", "Participants per round (checked against the tiers).", type=int)
+@setting("tier-mix", "Fractions of tiers 1,2,3.")
+@setting("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
+@setting("alpha", "Dirichlet concentration.", type=float)
+@setting("seed", "Seed.", type=int)
 def partition(out: str, prefix: str, preset: str | None, config_file: str | None,
               **flags: Any) -> None:
     """Split a dataset as `hmf simulate` does, one NPZ per device, plus fleet.json."""
@@ -200,7 +180,7 @@ def partition(out: str, prefix: str, preset: str | None, config_file: str | None
     from common.data import DataError
 
     try:
-        cfg = _settings(preset, config_file, flags, {})
+        cfg = resolve_flags(preset, config_file, flags, {})
         fleet = write_partition(cfg, out, prefix)
     except (ValueError, DataError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

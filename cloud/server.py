@@ -106,6 +106,11 @@ class FleetCloud:
         self.cfg, self.fleet, self.out, self.opts, self.log = cfg, fleet, Path(out_dir), opts, log
         self.fed = fleet.federation(cfg.participants, cfg.tier_mix)
         self.strategy: Strategy = strategy_for(cfg)  # seeded: same hypernetworks as hmf simulate
+        if self.strategy.static_bn:
+            raise ValueError(
+                "static BatchNorm (heterofl's default, or --static-bn) recomputes statistics from "
+                "participants' data on the server, which a real fleet never uploads: pass "
+                "--no-static-bn to run it over MQTT (heterofl loses accuracy: docs/RESULTS.md)")
         self.eval = _load_eval(opts.eval_data) if opts.eval_data else None
         self.link = Link(client_id, broker,
                          [p.device_topic("+", name) for name in p.DEVICE_UP],

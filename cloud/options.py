@@ -1,0 +1,39 @@
+"""Click options for RunConfig settings, shared by ``hmf simulate`` and ``hmf-cloud start``."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import click
+
+from cloud.config import RunConfig, resolve
+
+DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+
+
+def setting(name: str, help_text: str, **kw: Any):
+    """An option whose absence means 'not given' (so presets and config files can fill it);
+    the help shows RunConfig's default."""
+    default = DEFAULTS.get(name.replace("-", "_"))
+    shown = f" [default: {default}]" if default is not None else ""
+    return click.option(f"--{name}", default=None, help=help_text + shown, **kw)
+
+
+static_bn = click.option(
+    "--static-bn/--no-static-bn", default=None,
+    help="Recompute BatchNorm statistics on the server from participants' data each round "
+    "(HeteroFL's static BN). [default: on for heterofl only]")
+
+
+def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> RunConfig:
+    """RunConfig from --preset, --config and the flags given (None = not given)."""
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if "tier_mix" in overrides:
+        try:
+            overrides["tier_mix"] = tuple(float(f) for f in overrides["tier_mix"].split(","))
+        except ValueError:
+            raise click.BadParameter("three comma-separated fractions, e.g. 0.3,0.4,0.3",
+                                     param_hint="--tier-mix") from None
+    return resolve(preset, config_file, {**overrides, **(extra or {})})

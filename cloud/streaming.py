@@ -15,7 +15,6 @@ simulate``.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from cloud.aggregation import RunningMean
@@ -58,19 +57,7 @@ class StreamingAggregate:
     def _finish_hypemefed(self, server_round: int) -> tuple[State, dict[str, Any]]:
         """HypeMeFed.aggregate's server step on the kept conv weights."""
         strategy: HypeMeFed = self.strategy  # type: ignore[assignment]
-        start = time.perf_counter()
         light = [self.kept[c] for c in self.order if c in self.kept]
-        metrics = strategy.train_hypernets(light, server_round)
-        generated = 0
-        for u in light:
-            extra = strategy.generate(u.state)
-            self.acc.add(extra, strategy.weight(u))
-            generated += len(extra)
-        metrics["hypernet_s"] = time.perf_counter() - start
-        metrics["generated_tensors"] = generated
-        untrained = [t for t, n in metrics["hypernet_pairs"].items() if n == 0]
-        if untrained:
-            metrics["note"] = ("no participant trained both blocks for " + ", ".join(untrained)
-                               + ": those hypernetworks were not trained this round")
+        metrics = strategy.add_generated(self.acc, light, server_round)
         self.kept.clear()
         return self.acc.result(), metrics

@@ -100,11 +100,20 @@ class HypeMeFed(Strategy):
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
                   ) -> tuple[State, dict[str, Any]]:
-        start = time.perf_counter()
-        metrics = self.train_hypernets(updates, server_round)
-        acc, generated = RunningMean(global_state), 0
+        acc = RunningMean(global_state)
         for u in updates:
             acc.add(u.state, self.weight(u))
+        metrics = self.add_generated(acc, updates, server_round)
+        return acc.result(), metrics
+
+    def add_generated(self, acc: RunningMean, updates: list[ClientUpdate], server_round: int
+                      ) -> dict[str, Any]:
+        """The server step: train the hypernetworks on ``updates`` (their conv weights suffice),
+        then add every client's generated convs to ``acc``; returns the metrics."""
+        start = time.perf_counter()
+        metrics = self.train_hypernets(updates, server_round)
+        generated = 0
+        for u in updates:
             extra = self.generate(u.state)
             acc.add(extra, self.weight(u))
             generated += len(extra)
@@ -114,7 +123,7 @@ class HypeMeFed(Strategy):
         if untrained:
             metrics["note"] = ("no participant trained both blocks for " + ", ".join(untrained)
                                + ": those hypernetworks were not trained this round")
-        return acc.result(), metrics
+        return metrics
 
     # -- checkpointing: hypernetwork weights, Adam state, and how often each was trained --
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

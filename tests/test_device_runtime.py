@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from model_states import perturbed_state
 
 from common.models import build_model, tier_state
 from device.cli import hmf_device
@@ -20,20 +21,6 @@ from export.exporter import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
-
-
-def perturbed_state(name, seed=0):
-    """Random weights with BatchNorm statistics away from the identity (BN folding matters)."""
-    torch.manual_seed(seed)
-    model = build_model(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-    return model.state_dict()
 
 
 @pytest.fixture(scope="module")

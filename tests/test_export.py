@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from model_states import perturbed_state
 
 from cloud.cli import hmf
 from common import tensorfile
@@ -18,21 +19,6 @@ from export.data import HAPT_TEST_SUBJECTS, export_data, hapt_split
 from export.exporter import ExportCheckError, check_fp32, export_onnx
 
 TOL = 1e-4
-
-
-def perturbed_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with BatchNorm statistics far from the identity, so that folding BatchNorm
-    into the convolutions is really exercised."""
-    torch.manual_seed(seed)
-    model = build_model(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-    return model.state_dict()
 
 
 def briefly_trained_hapt() -> dict[str, torch.Tensor]:

@@ -73,7 +73,9 @@ def mosquitto_conf(out: Path, port: int, bind: str, tls: TLSFiles | None,
         "use_username_as_clientid true",
     ]
     if tls:
-        lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}",
+        # absolute: mosquitto reads relative paths from its own working directory, not ours
+        ca, cert, key = (Path(f).resolve() for f in (tls.ca, tls.cert, tls.key))
+        lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
                   "tls_version tlsv1.2",
                   f"require_certificate {'true' if tls.require_client_cert else 'false'}"]
     return "\n".join(lines) + "\n"

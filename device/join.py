@@ -5,7 +5,46 @@ start fast."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
+
+MODEL_SUBDIR = "model"  # default place of a device's ONNX graphs, inside its work dir
+
+
+def _tier_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if value in ("1", "2", "3"):
+        return int(value)
+    raise click.BadParameter(f"{value!r}: 1, 2, 3 or auto")
+
+
+def auto_tier(model_dir: str | Path, budget_ms: float, *, runs: int = 20,
+              precision: str = "fp32", threads: int | None = None,
+              log: Any = print) -> tuple[int, dict[str, Any]]:
+    """``--tier auto``: profiles the exit graphs in ``model_dir`` (``hmf export onnx``'s) and
+    returns the deepest tier whose p95 latency fits ``budget_ms``, with the profile. Logs each
+    exit's measured latency and the choice. Raises ``ValueError`` (``ManifestError``) when there
+    is no intact export in ``model_dir`` or when even exit 1 misses the budget (tier 0)."""
+    from device.profile import deepest_tier_within, profile
+
+    if not budget_ms > 0:
+        raise ValueError(f"--budget-ms must be positive (got {budget_ms})")
+    report = profile(model_dir, runs=runs, threads=threads, precision=precision)
+    tier = deepest_tier_within(model_dir, budget_ms, report=report)
+    for row in report["exits"]:
+        fits = "fits" if row["p95_ms"] <= budget_ms else "over"
+        log(f"exit {row['exit']}: p95 {row['p95_ms']:.3f} ms, median {row['median_ms']:.3f} ms "
+            f"({row['runs']} runs, {precision}) -> {fits} the {budget_ms:g} ms budget")
+    if tier == 0:
+        fastest = min(row["p95_ms"] for row in report["exits"])
+        raise ValueError(f"no tier fits the {budget_ms:g} ms budget on this device: even exit 1 "
+                         f"takes {fastest:.3f} ms (p95) with the graphs in {model_dir}; raise "
+                         "--budget-ms or give a --tier explicitly")
+    log(f"tier auto: chose tier {tier} (the deepest exit whose p95 fits {budget_ms:g} ms)")
+    return tier, report
 
 
 @click.command("join")
@@ -13,8 +52,17 @@ import click
 @click.option("--device-id", required=True, help="This device's id (its broker user name).")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="NPZ with x (float32) and y (int64), optionally test_x and test_y.")
-@click.option("--tier", type=click.IntRange(1, 3), default=None,
-              help="Deepest tier this device can train; deeper tasks are refused.")
+@click.option("--tier", callback=_tier_arg, default=None, metavar="1|2|3|auto",
+              help="Deepest tier this device can train; deeper tasks are refused. auto: the "
+                   "deepest exit whose p95 latency fits --budget-ms, measured on the ONNX "
+                   "graphs in --model-dir.")
+@click.option("--budget-ms", type=float, default=None,
+              help="Latency budget per inference for --tier auto (p95, batch 1).")
+@click.option("--model-dir", type=click.Path(file_okay=False), default=None,
+              help=f"Graphs of `hmf export onnx` for --tier auto [default: "
+                   f"WORK_DIR/{MODEL_SUBDIR}].")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
+              show_default=True, help="Which exported graphs --tier auto measures.")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
               help="Where the device keeps its last update until the cloud has it.")
 @click.option("--username", default=None, help="Broker user name (default: the device id "
@@ -28,7 +76,8 @@ import click
 @click.option("--retry-s", type=float, default=10.0, show_default=True,
               help="Repeat a request after this long without an answer.")
 @click.option("--stay", is_flag=True, help="Keep waiting for a new run when this one ends.")
-def join(broker: str, device_id: str, data_path: str, tier: int | None, work_dir: str,
+def join(broker: str, device_id: str, data_path: str, tier: int | str | None,
+         budget_ms: float | None, model_dir: str | None, precision: str, work_dir: str,
          username: str | None, password_file: str | None, tls_ca: str | None,
          tls_cert: str | None, tls_key: str | None, threads: int | None, retry_s: float,
          stay: bool) -> None:
@@ -46,6 +95,16 @@ def join(broker: str, device_id: str, data_path: str, tier: int | None, work_dir
         data = load_device_data(data_path)
     except (ValueError, p.ProtocolError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    if (tier == "auto") != (budget_ms is not None):
+        raise click.UsageError("--tier auto needs --budget-ms, and --budget-ms needs --tier auto")
+    if tier == "auto":
+        assert budget_ms is not None
+        graphs = Path(model_dir) if model_dir else Path(work_dir) / MODEL_SUBDIR
+        try:
+            tier, _ = auto_tier(graphs, budget_ms, precision=precision, threads=threads,
+                                log=lambda line: click.echo(f"{device_id}: {line}"))
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     if threads:
         torch.set_num_threads(threads)
     agent = DeviceAgent(device_id, settings, data, work_dir, tier, retry_s, stay,

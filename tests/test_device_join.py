@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mqtt_broker import Broker, Proc, mosquitto_binary
+from mqtt_broker import Broker, Proc
 
 from cloud.cli import hmf
 from common import protocol as p
@@ -55,7 +55,6 @@ def presence(url: str, device: str) -> dict:
     return p.parse_control(ev[2])
 
 
-@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 def test_huge_budget_chooses_tier_3_and_the_hello_says_so(graphs, data, tmp_path):
     broker = Broker(tmp_path).start()
     try:

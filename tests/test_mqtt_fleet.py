@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mqtt_broker import Broker, Proc, mosquitto_binary
+from mqtt_broker import Broker, Proc
 
 from cloud.checkpoint import load_checkpoint
 from cloud.config import RunConfig
@@ -22,8 +22,6 @@ from cloud.runlog import read_metrics
 from cloud.simulation import Simulation
 from common import protocol as p
 from common.mqtt_link import Link, broker_settings
-
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
 SETTINGS = dict(model="hapt", partition="iid", local_epochs=1, batch_size=32, lr=5e-3,
                 hypernet_epochs=2, rank=16, hidden=32, seed=3, strategy="hypemefed")

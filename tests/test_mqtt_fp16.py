@@ -6,9 +6,8 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pytest
 import torch
-from mqtt_broker import Broker, mosquitto_binary
+from mqtt_broker import Broker
 
 from cloud.checkpoint import load_checkpoint
 from cloud.config import RunConfig
@@ -18,8 +17,6 @@ from cloud.server import CloudOptions, FleetCloud
 from cloud.simulation import initial_state
 from common.mqtt_link import broker_settings
 from device.agent import DeviceAgent
-
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
 
 def run_fleet(tmp, dtype: str) -> tuple[dict, dict[str, torch.Tensor]]:

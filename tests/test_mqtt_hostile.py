@@ -8,9 +8,8 @@ import queue
 import threading
 import time
 
-import pytest
 import torch
-from mqtt_broker import Broker, mosquitto_binary
+from mqtt_broker import Broker
 
 from cloud.config import RunConfig
 from cloud.fleet import Fleet, FleetDevice
@@ -20,8 +19,6 @@ from cloud.simulation import initial_state
 from common import protocol as p
 from common.models import build_model, tier_state
 from common.mqtt_link import Link, broker_settings
-
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
 
 class Impostor:

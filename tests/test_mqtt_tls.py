@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import queue
-import shutil
 import ssl
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_broker import BIN, Broker, Proc, free_port, mosquitto_binary
+from mqtt_broker import BIN, Broker, Proc, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.broker_config import CLOUD_USER
@@ -27,11 +26,6 @@ from cloud.fleet import write_partition
 from cloud.runlog import read_metrics
 from common import protocol as p
 from common.mqtt_link import Link, broker_settings
-
-pytestmark = [
-    pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed"),
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed"),
-]
 
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 

@@ -11,14 +11,12 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_broker import Broker, free_port, mosquitto_binary
+from mqtt_broker import Broker, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.broker_config import CLOUD_USER, password_hash, write_broker_config
 from common import protocol as p
 from common.mqtt_link import Link, broker_settings
-
-pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
 
 @pytest.fixture

@@ -128,3 +128,19 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log_file.close()
+
+
+def retained_presence(url: str, device: str) -> bytes:
+    """The retained presence payload of ``device`` (hello or bye), read by a separate client."""
+    from common import protocol as p
+    from common.mqtt_link import Link, broker_settings
+
+    watcher = Link("watcher", broker_settings(url), [p.device_topic(device, "presence")])
+    watcher.start()
+    try:
+        ev = watcher.events.get(timeout=10)
+        while ev[0] != "message":
+            ev = watcher.events.get(timeout=10)
+    finally:
+        watcher.stop()
+    return ev[2]

@@ -13,8 +13,6 @@ from scipy.io import savemat
 
 from common.data import DataError, load_dataset
 
-CIFAR_SMALL = Path("/work/shared/data/cifar10/cifar10_small_uint8.npz")
-
 
 def norm(v):
     """The normalisation the loaders promise, in float64."""
@@ -209,17 +207,6 @@ def test_cifar_npz(tmp_path):
 def test_cifar_nothing_there(tmp_path):
     with pytest.raises(DataError, match=f"none of .* found in {tmp_path}"):
         load_dataset("cifar10", tmp_path)
-
-
-@pytest.mark.skipif(not CIFAR_SMALL.exists(), reason="no shared CIFAR-10 copy here")
-def test_cifar_small_real():
-    d = load_dataset("cifar10", CIFAR_SMALL.parent)
-    assert d.x.shape == (10000, 3, 32, 32) and d.test_x.shape == (2000, 3, 32, 32)
-    assert np.bincount(d.y).tolist() == [1000] * 10 and np.bincount(d.test_y).tolist() == [200] * 10
-    with np.load(CIFAR_SMALL) as f:
-        raw = f["x_train"][123]
-    assert np.allclose(d.x[123], norm(raw.astype(np.float64)).transpose(2, 0, 1), atol=1e-6)
-    assert d.x.min() == -1.0 and d.x.max() == 1.0
 
 
 def unique_digits(n: int) -> tuple[np.ndarray, np.ndarray]:

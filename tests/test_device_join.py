@@ -10,11 +10,10 @@ import signal
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mqtt_broker import Broker, Proc
+from mqtt_broker import Broker, Proc, retained_presence
 
 from cloud.cli import hmf
 from common import protocol as p
-from common.mqtt_link import Link, broker_settings
 from device.cli import hmf_device
 
 
@@ -42,19 +41,6 @@ def join_args(data, work, *extra, broker="mqtt://127.0.0.1:1"):
             "--work-dir", str(work), "--threads", "1", *extra]
 
 
-def presence(url: str, device: str) -> dict:
-    """The retained presence message of ``device``, read by a separate client."""
-    watcher = Link("watcher", broker_settings(url), [p.device_topic(device, "presence")])
-    watcher.start()
-    try:
-        ev = watcher.events.get(timeout=10)
-        while ev[0] != "message":
-            ev = watcher.events.get(timeout=10)
-    finally:
-        watcher.stop()
-    return p.parse_control(ev[2])
-
-
 def test_huge_budget_chooses_tier_3_and_the_hello_says_so(graphs, data, tmp_path):
     broker = Broker(tmp_path).start()
     try:
@@ -67,7 +53,7 @@ def test_huge_budget_chooses_tier_3_and_the_hello_says_so(graphs, data, tmp_path
         for k in (1, 2, 3):
             assert f"d1: exit {k}: p95 " in out and "fits the 1e+09 ms budget" in out
         assert "tier auto: chose tier 3" in out and "tier 3)" in out  # the 'joining' line
-        hello = presence(broker.url, "d1")
+        hello = p.parse_control(retained_presence(broker.url, "d1"))
         assert hello["type"] == "hello" and hello["tier"] == 3 and hello["samples"] == 4
         device.proc.send_signal(signal.SIGTERM)
         assert device.wait(20) == 0, device.text()

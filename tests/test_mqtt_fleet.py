@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mqtt_broker import Broker, Proc
+from mqtt_broker import Broker, Proc, retained_presence
 
 from cloud.checkpoint import load_checkpoint
 from cloud.config import RunConfig
@@ -21,7 +21,6 @@ from cloud.fleet import Fleet, write_partition
 from cloud.runlog import read_metrics
 from cloud.simulation import Simulation
 from common import protocol as p
-from common.mqtt_link import Link, broker_settings
 
 SETTINGS = dict(model="hapt", partition="iid", local_epochs=1, batch_size=32, lr=5e-3,
                 hypernet_epochs=2, rank=16, hidden=32, seed=3, strategy="hypemefed")
@@ -209,15 +208,7 @@ def test_device_leaves_cleanly_on_a_signal(tiny_hapt, tmp_path, sig):
         device.wait_for("connected; hello sent", timeout=60)
         device.proc.send_signal(sig)
         assert device.wait(20) == 0, device.text()
-        watcher = Link("watcher", broker_settings(broker.url), [p.device_topic("d1", "presence")])
-        watcher.start()
-        try:
-            ev = watcher.events.get(timeout=10)
-            while ev[0] != "message":
-                ev = watcher.events.get(timeout=10)
-        finally:
-            watcher.stop()
-        msg = p.parse_control(ev[2], "bye")
+        msg = p.parse_control(retained_presence(broker.url, "d1"), "bye")
         assert msg == {"type": "bye", "device": "d1", "reason": "left"}
     finally:
         broker.stop()

@@ -240,15 +240,32 @@ def _cifar_py(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"])
 
 
+def _cifar_jpeg(name: str, path: Path) -> Split:
+    """All 60,000 images as JPEG bytes (``cifar10_jpeg.npz``, ../shared/data/cifar10/SOURCE.md);
+    decoding needs Pillow, which matplotlib (the cloud install) already brings."""
+    try:
+        from PIL import Image  # lazy: only this format needs it
+    except ImportError:
+        raise _error(name, f"{path} holds JPEGs and decoding them needs Pillow "
+                     "(pip install pillow)") from None
+    import io
+
+    with _reading(name, path), np.load(path) as f:
+        data, off, y, split = _keys(name, path, f, "jpeg_bytes", "jpeg_offsets", "label", "split")
+        if len(off) != len(y) + 1 or split.shape != y.shape:
+            raise _error(name, f"{path}: expected len(jpeg_offsets) == len(label) + 1 == "
+                         f"len(split) + 1, got {len(off)}, {len(y)}, {len(split)}")
+        x = np.stack([np.asarray(Image.open(io.BytesIO(data[a:b].tobytes())).convert("RGB"))
+                      for a, b in zip(off[:-1], off[1:], strict=True)])
+    x = x.transpose(0, 3, 1, 2)
+    (tr, ytr, _), (te, yte, _) = (_samples(name, path, x[split == s], y[split == s])
+                                  for s in (0, 1))
+    return tr, ytr, None, te, yte
+
+
 def _cifar10(name: str, d: Path) -> Split:
-    """``cifar10_small_uint8.npz`` (NHWC), else the official binary, else the python version."""
-    npz = d / "cifar10_small_uint8.npz"
-    if npz.is_file():
-        with _reading(name, npz), np.load(npz) as f:
-            x, y, tx, ty = _keys(name, npz, f, "x_train", "y_train", "x_test", "y_test")
-            x, tx = x.transpose(0, 3, 1, 2), tx.transpose(0, 3, 1, 2)
-        (x, y, _), (tx, ty, _) = _samples(name, npz, x, y), _samples(name, npz, tx, ty)
-        return x, y, None, tx, ty
+    """The official binary, else the python version, else ``cifar10_jpeg.npz`` (all 60,000
+    images as JPEGs), else ``cifar10_small_uint8.npz`` (a 10,000/2,000 NHWC subset)."""
     for sub, ext, read in (("cifar-10-batches-bin", ".bin", _cifar_bin),
                            ("cifar-10-batches-py", "", _cifar_py)):
         base = next((b for b in (d / sub, d) if (b / f"data_batch_1{ext}").is_file()), None)
@@ -259,8 +276,17 @@ def _cifar10(name: str, d: Path) -> Split:
             tp = _need(name, base / f"test_batch{ext}")
             tx, ty, _ = _samples(name, tp, *read(name, tp))
             return x, y, None, tx, ty
-    raise _error(name, f"none of cifar10_small_uint8.npz, cifar-10-batches-bin/data_batch_1.bin, "
-                 f"cifar-10-batches-py/data_batch_1 found in {d}")
+    if (d / "cifar10_jpeg.npz").is_file():
+        return _cifar_jpeg(name, d / "cifar10_jpeg.npz")
+    npz = d / "cifar10_small_uint8.npz"
+    if npz.is_file():
+        with _reading(name, npz), np.load(npz) as f:
+            x, y, tx, ty = _keys(name, npz, f, "x_train", "y_train", "x_test", "y_test")
+            x, tx = x.transpose(0, 3, 1, 2), tx.transpose(0, 3, 1, 2)
+        (x, y, _), (tx, ty, _) = _samples(name, npz, x, y), _samples(name, npz, tx, ty)
+        return x, y, None, tx, ty
+    raise _error(name, f"none of cifar-10-batches-bin/data_batch_1.bin, cifar-10-batches-py/"
+                 f"data_batch_1, cifar10_jpeg.npz, cifar10_small_uint8.npz found in {d}")
 
 
 def _idx(name: str, path: Path) -> np.ndarray:

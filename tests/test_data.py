@@ -2,6 +2,7 @@
 value against an independent computation, plus the shipped HAPT windows."""
 
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -299,3 +300,30 @@ def test_unimib(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         load_dataset("imagenet", "/tmp")
+
+
+def test_cifar_jpeg_npz(tmp_path):
+    """The 60,000-JPEG container: split 0 is train, 1 test; each image decoded in place. Flat
+    colours survive JPEG to within a couple of levels, so the decoded pixels are checkable."""
+    from PIL import Image
+
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (128, 64, 32)]
+    blobs = []
+    for c in colours:
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), c).save(buf, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    np.savez(tmp_path / "cifar10_jpeg.npz", jpeg_bytes=np.concatenate(blobs),
+             jpeg_offsets=offsets, label=np.array([3, 1, 7, 9], np.uint8),
+             split=np.array([0, 1, 0, 1], np.uint8))
+    d = load_dataset("cifar10", tmp_path)
+    assert d.x.shape == (2, 3, 32, 32) and d.test_x.shape == (2, 3, 32, 32)
+    assert d.y.tolist() == [3, 7] and d.test_y.tolist() == [1, 9]
+    expected = np.array([norm(v) for v in colours[2]])  # train image 1: container image 3
+    assert np.abs(d.x[1, :, 16, 16] - expected).max() < 4 / 127.5
+    np.savez(tmp_path / "cifar10_jpeg.npz", jpeg_bytes=np.concatenate(blobs),
+             jpeg_offsets=offsets[:-1], label=np.array([3, 1, 7, 9], np.uint8),
+             split=np.array([0, 1, 0, 1], np.uint8))
+    with pytest.raises(DataError, match="jpeg_offsets"):
+        load_dataset("cifar10", tmp_path)

@@ -1,0 +1,385 @@
+"""Every strategy side by side on real data: identical partitions, seeds and tier assignments.
+
+Settings: CIFAR-10 with the svhn-sized model (model ``cifar10``, standing in for SVHN) and the
+HAPT windows with the unimib-sized model (model ``hapt``, standing in for UniMiB SHAR), by
+subject and Dirichlet alpha 0.1 and 1.0 (CIFAR-10: Dirichlet only, it has no subjects). Seeds
+0-2 for hypemefed, depthwise and fedavg, seed 0 for the other strategies, and the HypeMeFed
+ablations (rank, naive vs LRF, warm vs reset hypernetworks, which tensors are generated) on
+one setting. Each run is an ordinary ``hmf simulate`` run directory (config.json,
+metrics.jsonl, checkpoint), so an interrupted benchmark resumes where it stopped.
+
+Scales (``--scale``):
+  cpu   about two hours of background work on this 2-core machine (``--jobs 2``). Cut from
+        the authors' setting: rounds (25 instead of 300), local epochs (1 instead of 5),
+        CIFAR-10 data (the 10,000/2,000 class-balanced subset, 20 clients of which 6 a round,
+        batch 32 instead of 128).
+  full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
+        10 a round, 300 rounds, 5 local epochs, batch 128, lr 5e-4) and HAPT as UniMiB
+        (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``.
+
+    .venv/bin/python bench/accuracy.py run --scale cpu --jobs 2        # ~2 h, resumable
+    .venv/bin/python bench/accuracy.py report --scale cpu              # JSON, table, plots
+    python3 bench/accuracy.py run --scale full --device cuda --jobs 12 --deadline-s 540
+
+``report`` writes bench/results/accuracy_<scale>.json, plots docs/img/accuracy_<scale>_*.png
+and rewrites the section of docs/RESULTS.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+MAIN = ("hypemefed", "depthwise", "fedavg")  # three seeds each
+OTHERS = ("fedavg-small", "heterofl", "depthfl", "scalefl")  # seed 0
+SEEDS = (0, 1, 2)
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "cifar10-dir0.1": dict(model="cifar10", partition="dirichlet", alpha=0.1),
+    "cifar10-dir1.0": dict(model="cifar10", partition="dirichlet", alpha=1.0),
+    "hapt-subject": dict(model="hapt", partition="subject"),
+    "hapt-dir0.1": dict(model="hapt", partition="dirichlet", alpha=0.1),
+    "hapt-dir1.0": dict(model="hapt", partition="dirichlet", alpha=1.0),
+}
+ABLATION_SETTING = "hapt-dir0.1"
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "rank1": dict(rank=1), "rank8": dict(rank=8), "rank32": dict(rank=32),
+    "naive": dict(hypernet="naive"), "reset": dict(hypernet_reset=True),
+    "gen-bn": dict(generate="convs+bn"), "gen-all": dict(generate="all"),
+}
+SCALES: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "cifar10": dict(clients=20, participants=6, rounds=25, local_epochs=1, batch_size=32,
+                        lr=5e-4, min_size=10, eval_every=1),
+        "hapt": dict(clients=30, participants=6, rounds=25, local_epochs=1, batch_size=16,
+                     lr=5e-3, min_size=10, eval_every=1),
+    },
+    "full": {
+        "cifar10": dict(clients=50, participants=10, rounds=300, local_epochs=5, batch_size=128,
+                        lr=5e-4, min_size=10, eval_every=5),
+        "hapt": dict(clients=30, participants=6, rounds=300, local_epochs=5, batch_size=16,
+                     lr=5e-3, min_size=10, eval_every=5),
+    },
+}
+TARGET_FRACTION = 0.9  # "rounds to target": first round at 90 % of the setting's best exit-3
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    strategy: str
+    seed: int
+    variant: str = ""  # an ablation's name, "" for the strategy's defaults
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.setting}/{self.strategy}{variant}/s{self.seed}"
+
+
+def plan(only: str | None = None) -> list[Run]:
+    """Every run of the benchmark, cheapest settings first within a seed so that partial
+    results cover all strategies early."""
+    runs = []
+    for seed in SEEDS:
+        for setting in SETTINGS:
+            strategies = MAIN + (OTHERS if seed == 0 else ())
+            runs += [Run(setting, s, seed) for s in strategies]
+            if seed == 0 and setting == ABLATION_SETTING:
+                runs += [Run(setting, "hypemefed", 0, k, v) for k, v in ABLATIONS.items()]
+    wanted = only.split(",") if only else None
+    return [r for r in runs if wanted is None or any(w in r.name for w in wanted)]
+
+
+def cifar_dir(scale: str, given: str | None, work: Path) -> str:
+    """The CPU scale reads the 10,000-image subset even where the full JPEG set sits beside it."""
+    src = Path(given) if given else SHARED_CIFAR
+    if scale == "full":
+        return str(src)
+    small = work / "cifar10-small"
+    small.mkdir(parents=True, exist_ok=True)
+    link = small / "cifar10_small_uint8.npz"
+    if not link.exists():
+        link.symlink_to((src / "cifar10_small_uint8.npz").resolve())
+    return str(small)
+
+
+def run_config(run: Run, scale: str, device: str, cifar: str) -> dict[str, Any]:
+    setting = SETTINGS[run.setting]
+    cfg = {**SCALES[scale][setting["model"]], **setting, "strategy": run.strategy,
+           "seed": run.seed, "device": device, **run.overrides}
+    if setting["model"] == "cifar10":
+        cfg["data_dir"] = cifar
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_one(config_path: Path, out: Path) -> None:
+    """One run in this process (the subprocess entry point), resuming a checkpoint if any."""
+    from cloud.config import RunConfig
+    from cloud.simulation import Simulation
+
+    cfg = RunConfig(**json.loads(config_path.read_text()))
+    log = open(out / "log.txt", "a")
+    sim = Simulation(cfg, out, log=lambda line: print(line, file=log, flush=True))
+    sim.run(resume=True)
+
+
+def finished(out: Path, rounds: int) -> bool:
+    from cloud.runlog import read_metrics
+
+    rows = read_metrics(out)
+    return bool(rows) and rows[-1]["round"] >= rounds
+
+
+def launch(run: Run, cfg: dict[str, Any], out: Path, threads: int) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_config.json").write_text(json.dumps(cfg, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, __file__, "one", str(out / "bench_config.json"),
+                             str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(out / "stderr.txt", "a"))
+
+
+def last_line(out: Path) -> str:
+    try:
+        return (out / "log.txt").read_text().strip().splitlines()[-1]
+    except (FileNotFoundError, IndexError):
+        return "(no round yet)"
+
+
+def run_all(args: argparse.Namespace) -> None:
+    work = Path(args.runs) / args.scale
+    cifar = cifar_dir(args.scale, args.cifar_dir, work)
+    todo = []
+    for run in plan(args.only):
+        cfg = run_config(run, args.scale, args.device, cifar)
+        if not finished(work / run.name, cfg["rounds"]):
+            todo.append((run, cfg))
+    print(f"{len(todo)} runs to do ({len(plan(args.only)) - len(todo)} already finished) "
+          f"in {work}, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    start, active, done = time.time(), {}, 0
+    deadline = start + args.deadline_s if args.deadline_s else None
+    while todo or active:
+        while todo and len(active) < args.jobs:
+            run, cfg = todo.pop(0)
+            active[run] = (launch(run, cfg, work / run.name, args.threads), time.time())
+        time.sleep(2)
+        for run, (proc, began) in list(active.items()):
+            if proc.poll() is not None:
+                del active[run]
+                done += 1
+                status = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}"
+                print(f"[{done}] {run.name} {status} in {time.time() - began:.0f} s: "
+                      f"{last_line(work / run.name)}", flush=True)
+        if deadline and time.time() > deadline:
+            for run, (proc, _) in active.items():
+                proc.kill()
+                print(f"deadline: stopped {run.name} at {last_line(work / run.name)}", flush=True)
+            print(f"deadline reached; {len(todo)} runs never started", flush=True)
+            return
+    print(f"all runs finished in {(time.time() - start) / 60:.1f} min", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def run_summary(rows: list[dict[str, Any]], planned_rounds: int) -> dict[str, Any]:
+    """Final and best global accuracy per exit, per-tier accuracy at each tier's deepest exit,
+    mean local test accuracy, server seconds per round and the accuracy curve."""
+    evaluated = [r for r in rows if r.get("acc")]
+    last = evaluated[-1]["acc"] if evaluated else {}
+
+    def best(get) -> float | None:
+        vals = [v for v in (get(r["acc"]) for r in evaluated) if v is not None]
+        return max(vals) if vals else None
+
+    return {
+        "rounds_done": rows[-1]["round"] if rows else 0, "rounds_planned": planned_rounds,
+        "final_global": last.get("global", {}),
+        "best_global": {e: best(lambda a, e=e: a["global"][e]) for e in ("1", "2", "3")},
+        "final_tier": last.get("tier", {}), "final_local_mean": last.get("local_mean"),
+        "best_local_mean": best(lambda a: a["local_mean"]),
+        "server_s": float(np.mean([r["server_s"] for r in rows])) if rows else None,
+        "curve": [(r["round"], r["acc"]["global"]["3"], r["acc"]["local_mean"])
+                  for r in evaluated],
+    }
+
+
+def rounds_to(curve: list[tuple[int, Any, Any]], target: float) -> int | None:
+    return next((rnd for rnd, acc, _ in curve if acc is not None and acc >= target), None)
+
+
+def mean_std(values: list[float | None]) -> dict[str, Any] | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+
+
+def collect(work: Path, scale: str) -> dict[str, Any]:
+    from cloud.runlog import read_metrics
+
+    per_run: dict[str, dict[str, Any]] = {}
+    for run in plan():
+        out = work / run.name
+        rows = read_metrics(out)
+        if rows:
+            per_run[run.name] = run_summary(rows, run_config(run, scale, "cpu", "")["rounds"])
+    for setting in SETTINGS:
+        runs = [s for n, s in per_run.items() if n.startswith(setting + "/")]
+        peak = max((s["best_global"]["3"] or 0 for s in runs), default=0)
+        for s in runs:
+            s["target"] = TARGET_FRACTION * peak
+            s["rounds_to_target"] = rounds_to(s["curve"], s["target"])
+    groups: dict[str, dict[str, Any]] = {}
+    for name, s in per_run.items():
+        key = name.rsplit("/", 1)[0]
+        groups.setdefault(key, {"runs": []})["runs"].append(s)
+    for g in groups.values():
+        runs = g.pop("runs")
+        g["seeds"] = len(runs)
+        g["complete"] = all(r["rounds_done"] >= r["rounds_planned"] for r in runs)
+        g["rounds_done"] = min(r["rounds_done"] for r in runs)
+        for metric in ("final_local_mean", "best_local_mean", "server_s", "rounds_to_target"):
+            g[metric] = mean_std([r[metric] for r in runs])
+        for metric in ("final_global", "best_global", "final_tier"):
+            g[metric] = {e: mean_std([r[metric].get(e) for r in runs]) for e in ("1", "2", "3")}
+    return {"scale": scale, "runs": per_run, "groups": groups}
+
+
+def fmt(ms: dict[str, Any] | None, pct: bool = True) -> str:
+    if ms is None:
+        return "-"
+    k = 100 if pct else 1
+    spread = f" ± {k * ms['std']:.1f}" if ms["n"] > 1 else ""
+    return f"{k * ms['mean']:.1f}{spread}"
+
+
+def table(result: dict[str, Any]) -> str:
+    head = ("| setting | strategy | seeds | rounds | global exit 1 | exit 2 | exit 3 (final) "
+            "| exit 3 (best) | tier 1 @1 | tier 2 @2 | tier 3 @3 | mean local | rounds to "
+            "target | server s/round |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, g in sorted(result["groups"].items()):
+        setting, strategy = key.split("/")
+        rounds = f"{g['rounds_done']}" + ("" if g["complete"] else " (cut)")
+        fg, t = g["final_global"], g["final_tier"]
+        lines.append(
+            f"| {setting} | {strategy} | {g['seeds']} | {rounds} | {fmt(fg['1'])} | "
+            f"{fmt(fg['2'])} | {fmt(fg['3'])} | {fmt(g['best_global']['3'])} | {fmt(t['1'])} "
+            f"| {fmt(t['2'])} | {fmt(t['3'])} | {fmt(g['final_local_mean'])} | "
+            f"{fmt(g['rounds_to_target'], pct=False)} | {fmt(g['server_s'], pct=False)} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for setting in SETTINGS:
+        if not any(k.startswith(setting + "/") for k in result["runs"]):
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for key in sorted(result["runs"]):
+            if not key.startswith(setting + "/") or not key.endswith("/s0"):
+                continue
+            curve = result["runs"][key]["curve"]
+            label = key.split("/")[1]
+            for ax, col in zip(axes, (1, 2), strict=True):
+                pts = [(c[0], c[col]) for c in curve if c[col] is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), label=label,
+                            lw=2 if label == "hypemefed" else 1)
+        for ax, title in zip(axes, ("global test, exit 3", "mean local test"), strict=True):
+            ax.set_title(f"{setting} ({scale}), seed 0: {title}")
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("accuracy")
+        axes[1].legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = img_dir / f"accuracy_{scale}_{setting}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def replace_section(doc: Path, marker: str, body: str) -> None:
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = doc.read_text()
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def report(args: argparse.Namespace) -> None:
+    result = collect(Path(args.runs) / args.scale, args.scale)
+    if not result["runs"]:
+        sys.exit(f"no runs under {Path(args.runs) / args.scale}: run `bench/accuracy.py run` first")
+    out = ROOT / "bench" / "results" / f"accuracy_{args.scale}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    text = table(result)
+    print(text)
+    images = plot(result, args.scale, ROOT / "docs" / "img")
+    body = (f"Generated by `bench/accuracy.py report --scale {args.scale}` from "
+            f"`{out.relative_to(ROOT)}`. Accuracies in %, mean ± std over seeds; tier k @k: "
+            "that tier's clients on their local test splits at exit k; rounds to target: "
+            f"first round whose global exit-3 accuracy reaches {TARGET_FRACTION:.0%} of the "
+            "best any strategy reached in that setting.\n\n" + text + "\n\n"
+            + "\n".join(f"![{p.stem}](img/{p.name})" for p in images))
+    replace_section(ROOT / "docs" / "RESULTS.md", f"accuracy-{args.scale}", body)
+    print(f"wrote {out} and {len(images)} plots; docs/RESULTS.md section accuracy-{args.scale}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) every planned run")
+    r.add_argument("--scale", choices=SCALES, default="cpu")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    r.add_argument("--only", help="only runs whose name contains one of these (comma-separated), "
+                   "e.g. hapt-dir0.1/,cifar10-dir0.1/hypemefed/s0")
+    r.add_argument("--cifar-dir", help=f"CIFAR-10 files (default {SHARED_CIFAR})")
+    r.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"))
+    r.add_argument("--deadline-s", type=float, help="stop every run after this many seconds")
+    rep = sub.add_parser("report", help="tables, JSON and plots from the runs so far")
+    rep.add_argument("--scale", choices=SCALES, default="cpu")
+    rep.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"))
+    one = sub.add_parser("one", help=argparse.SUPPRESS)
+    one.add_argument("config", type=Path)
+    one.add_argument("out", type=Path)
+    args = p.parse_args()
+    {"run": run_all, "report": report, "one": lambda a: run_one(a.config, a.out)}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

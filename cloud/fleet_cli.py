@@ -85,17 +85,29 @@ def _run_options(f):
               help="Uploads reassembled at once (bounds the cloud's memory).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads for the server step [default: torch's].")
+@click.option("--export-onnx", is_flag=True,
+              help="After each round, export the global model as checked ONNX graphs into "
+                   "OUT/onnx/round_N and serve them: devices fetch their tier's graphs.")
+@click.option("--export-quantize", type=click.Choice(["int8"]), default=None,
+              help="With --export-onnx: static int8 graphs too (slower export).")
+@click.option("--serve-graphs-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="With --export-onnx: keep serving the final graphs this long after the "
+                   "last round, before the run finishes.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @_auth_options
 def start(broker: str, fleet_file: str, preset: str | None, config_file: str | None,
           min_updates: int, round_timeout: float, eval_data: str | None, transfer_dtype: str,
           selection: str, wait_devices: int | None, upload_slots: int, threads: int | None,
+          export_onnx: bool, export_quantize: str | None, serve_graphs_s: float,
           out: str, resume: bool,
           username: str | None, password_file: str | None, tls_ca: str | None,
           tls_cert: str | None, tls_key: str | None, **flags: Any) -> None:
     """Run federated training with real devices over MQTT (docs/PROTOCOL.md)."""
     import torch
+
+    if export_quantize and not export_onnx:
+        raise click.UsageError("--export-quantize needs --export-onnx")
 
     from cloud.fleet import Fleet
     from cloud.server import CloudOptions, FleetCloud
@@ -111,7 +123,8 @@ def start(broker: str, fleet_file: str, preset: str | None, config_file: str | N
         opts = CloudOptions(min_updates=min_updates, round_timeout=round_timeout,
                             transfer_dtype=transfer_dtype, select=selection,
                             wait_devices=wait_devices, upload_slots=upload_slots,
-                            eval_data=eval_data)
+                            eval_data=eval_data, export_onnx=export_onnx,
+                            export_quantize=export_quantize, serve_graphs_s=serve_graphs_s)
         click.echo(f"hmf-cloud start: {cfg.strategy} on {cfg.model}, {len(fleet.devices)} "
                    f"devices, {cfg.participants} a round, {cfg.rounds} rounds -> {out}")
         FleetCloud(cfg, fleet, out, settings, opts, log=click.echo,

@@ -13,6 +13,11 @@ figures). It closes when every task's update is in, or at its deadline if at lea
 Memory stays flat in the number of devices: weights go out through a window of at most
 ``send_window`` unacknowledged chunks, at most ``upload_slots`` uploads are reassembled at once,
 and updates are folded into a running sum as they are verified.
+
+With ``export_onnx`` the cloud also serves the latest global model: after each round's
+checkpoint it exports the model as ONNX graphs (``export.exporter``, checks included) into
+``OUT/onnx/round_N``, publishes a retained ``model`` message and answers ``fetch_graph`` requests
+with chunks of those files, after any task weights waiting in the same window.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from cloud.streaming import StreamingAggregate
 from common import protocol as p
 from common.models import NUM_BLOCKS, State, build_model
 from common.mqtt_link import BrokerSettings, Link
-from common.training import accuracy_per_exit
+from common.training import TrainConfig, accuracy_per_exit
 
 RUN_FILE = "fleet_run.json"
 HEADER_SLACK = 64 * 1024  # tensor-file header allowance on top of the raw tensor bytes
@@ -59,6 +64,24 @@ class CloudOptions:
     slot_timeout: float = 60.0  # an upload that stalls this long is dropped (device re-offers)
     eval_data: str | None = None
     log_limit: int = 20  # rejections logged per reason per round (all are counted)
+    export_onnx: bool = False  # export and serve each round's global model as ONNX graphs
+    export_quantize: str | None = None  # "int8": also static int8 graphs
+    serve_graphs_s: float = 60.0  # after the last round, keep answering fetch_graph this long
+
+
+@dataclass
+class ModelRelease:
+    """A round's exported graphs as served: the retained ``model`` message and the bytes of
+    every file (``manifest.json`` included) by sha256, held in memory while they are current."""
+
+    round: int
+    directory: Path
+    message: bytes
+    blobs: dict[str, tuple[bytes, p.BlobRef]]
+
+    @property
+    def size(self) -> int:
+        return sum(ref.size for _, ref in self.blobs.values())
 
 
 @dataclass
@@ -125,6 +148,11 @@ class FleetCloud:
         self.sending: deque[tuple[str, tuple[int, float], int, int]] = deque()
         self.inflight: set[int] = set()
         self.logged: Counter[str] = Counter()
+        self.release: ModelRelease | None = None  # the graphs being served
+        self.graph_sending: deque[tuple[str, str, int, int]] = deque()  # device, sha, index, round
+        self.graph_queued: set[tuple[str, str, int]] = set()  # (device, sha, index) in the deque
+        self.graph_bytes = 0  # graph chunk bytes sent since the last metrics row
+        self._export_samples: Any = None  # export.data.ExportData, loaded on first export
 
     # ------------------------------------------------------------------ run
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
@@ -136,11 +164,16 @@ class FleetCloud:
                 self._wait_for_devices()
                 state, row = self._play_round(state, r)
                 save_checkpoint(self.out, r, state, self.strategy, self.cfg.to_json())
+                if self.opts.export_onnx:
+                    row["export"] = self._export_round(r, state)
+                    row["bytes_graphs"], self.graph_bytes = self.graph_bytes, 0
                 runlog.append(row)
                 self.log(format_fleet_round(row, self.cfg.rounds))
+            self._clear_tasks()
+            self._serve_final_model()
             self.finished = True
             self._publish_round_message()
-            self._clear_tasks()
+            self._set_release(None)  # nobody answers fetch_graph once the cloud has left
             self.log(f"run {self.run_id} finished: {self.out / 'summary.json'}")
         finally:
             self.link.stop(last=(p.cloud_topic("status"),
@@ -159,6 +192,7 @@ class FleetCloud:
                 raise ValueError("--resume with another fleet file than the checkpoint's run")
             self.run_id, first = saved["run"], done + 1
             self.log(f"resuming run {self.run_id} in {self.out} after round {done}")
+            self._resume_release(done, state)
         else:
             if resume:
                 self.log(f"no checkpoint in {self.out}: starting from round 1")
@@ -232,13 +266,19 @@ class FleetCloud:
         self.log(f"round {r}: {len(rnd.tasks)} tasks (tier 1/2/3: "
                  f"{tiers[1]}/{tiers[2]}/{tiers[3]}), deadline in {self.opts.round_timeout:g}s")
 
+    def _train_json(self) -> dict[str, Any]:
+        """The local training every task asks for: the run's settings plus the strategy's loss
+        (self-distillation for depthfl and scalefl), exactly as the simulator builds it."""
+        cfg = self.strategy.train_config(
+            TrainConfig(self.cfg.local_epochs, self.cfg.batch_size, self.cfg.lr))
+        return {k: v for k, v in cfg.to_json().items() if v is not None}
+
     def _task_message(self, task: Task) -> bytes:
         assert self.round is not None
         return p.make_control(
             "task", run=self.run_id, round=self.round.number, device=task.device,
             model=self.cfg.model, depth=task.task.depth, width=task.task.width_fraction,
-            seed=task.seed, train={"epochs": self.cfg.local_epochs,
-                                   "batch_size": self.cfg.batch_size, "lr": self.cfg.lr},
+            seed=task.seed, train=self._train_json(),
             weights=self.round.blobs[task.key][1], dtype=self.opts.transfer_dtype,
             deadline=self.round.deadline)
 
@@ -284,6 +324,127 @@ class FleetCloud:
         return new_state, row
 
     # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ serving the model
+    def _export_round(self, r: int, state: State) -> dict[str, Any]:
+        """Export round ``r``'s global model and serve it; on failure keep serving the last
+        good export. Returns the metrics row's ``export`` entry."""
+        start = time.perf_counter()
+        directory = self.out / "onnx" / f"round_{r}"
+        try:
+            export_graphs(self.cfg, state, directory, self._export_data(),
+                          self.opts.export_quantize,
+                          {"round": r, "run": self.run_id, "strategy": self.strategy.name})
+            release = load_release(directory, self.run_id, r)
+        except (RuntimeError, ValueError, OSError) as e:  # ExportCheckError is a RuntimeError
+            kept = self.release.round if self.release else None
+            self.log(f"round {r}: ONNX export failed ({str(e)[:300]}); "
+                     + (f"round {kept}'s graphs stay current" if kept else "no graphs served"))
+            return {"ok": False, "s": time.perf_counter() - start, "error": str(e)[:500],
+                    "serving": kept}
+        self._set_release(release)
+        seconds = time.perf_counter() - start
+        self.log(f"round {r}: exported {len(release.blobs) - 1} ONNX graphs "
+                 f"({release.size / 1e6:.1f} MB) to {directory} in {seconds:.1f}s; serving them")
+        return {"ok": True, "s": seconds, "dir": str(directory), "files": len(release.blobs) - 1,
+                "bytes": release.size, "serving": r}
+
+    def _export_data(self) -> Any:
+        """The export's check (and int8 calibration) samples, loaded once per run."""
+        if self._export_samples is None:
+            from export.data import export_data
+
+            evaluation = 2000 if self.opts.export_quantize else 64  # fp32 checks use 64
+            self._export_samples = export_data(self.cfg.model, self.cfg.data_dir,
+                                               calibration=256, evaluation=evaluation)
+        return self._export_samples
+
+    def _resume_release(self, done: int, state: State) -> None:
+        """On --resume: serve the checkpoint round's graphs (exported again if they are missing
+        or broken), else the newest intact export of this run."""
+        if not self.opts.export_onnx or done < 1:
+            return
+        release = self._load_export(done)
+        if release is None:
+            # what stays current if exporting the checkpoint's round fails
+            self.release = next((r for k in range(done - 1, 0, -1)
+                                 if (r := self._load_export(k))), None)
+            self._export_round(done, state)
+            release = self.release
+        self._set_release(release)
+        if release is not None:
+            self.log(f"serving round {release.round}'s graphs from {release.directory}")
+
+    def _load_export(self, r: int) -> ModelRelease | None:
+        directory = self.out / "onnx" / f"round_{r}"
+        if not (directory / "manifest.json").is_file():
+            return None
+        try:
+            return load_release(directory, self.run_id, r)
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            self.log(f"cannot serve {directory}: {str(e)[:300]}")
+            return None
+
+    def _set_release(self, release: ModelRelease | None) -> None:
+        """Make ``release`` current (None: serve nothing) and tell everyone (retained)."""
+        self.release = release
+        self.graph_sending.clear()  # chunks of the previous release are not wanted any more
+        self.graph_queued.clear()
+        if self.link.connected.is_set():  # else the next connect publishes it (_republish)
+            self._publish_model()
+
+    def _publish_model(self) -> None:
+        """The retained model message; an empty one clears a previous run's."""
+        payload = self.release.message if self.release is not None else b""
+        self.link.publish(p.cloud_topic("model"), payload, retain=True)
+
+    def _serve_final_model(self) -> None:
+        """Keep answering fetch_graph after the last round, so devices get the final graphs."""
+        if self.release is None or self.opts.serve_graphs_s <= 0:
+            return
+        self.log(f"serving round {self.release.round}'s graphs for "
+                 f"{self.opts.serve_graphs_s:g}s before finishing")
+        end = time.monotonic() + self.opts.serve_graphs_s
+        while (left := end - time.monotonic()) > 0:
+            self._pump(min(left, 0.5))
+
+    def _on_fetch_graph(self, device: str, msg: dict[str, Any]) -> None:
+        rel = self.release
+        if msg["run"] != self.run_id:
+            raise p.ProtocolError("unknown run", msg["run"])
+        if rel is None:
+            raise p.ProtocolError("unknown blob", "no model is being served")
+        if msg["round"] != rel.round:
+            raise p.ProtocolError("stale round", f"graphs of round {msg['round']}, serving "
+                                                 f"round {rel.round}")
+        if msg["sha256"] not in rel.blobs:
+            raise p.ProtocolError("unknown blob", msg["sha256"][:16])
+        ref = rel.blobs[msg["sha256"]][1]
+        wanted = msg["missing"] if msg["missing"] is not None else range(ref.chunks)
+        for i in wanted:
+            key = (device, ref.sha256, i)
+            if i < ref.chunks and key not in self.graph_queued:
+                self.graph_queued.add(key)
+                self.graph_sending.append((device, ref.sha256, i, rel.round))
+
+    def _send_graph_chunks(self) -> None:
+        """Graph chunks share the window with task weights, which go first: training is on the
+        round's critical path, serving is not."""
+        while (self.graph_sending and not self.sending
+               and len(self.inflight) < self.opts.send_window):
+            if not self.link.connected.is_set():
+                return
+            device, sha, index, number = self.graph_sending.popleft()
+            self.graph_queued.discard((device, sha, index))
+            rel = self.release
+            if rel is None or number != rel.round:
+                continue
+            blob, ref = rel.blobs[sha]
+            frame = p.chunk_frame(blob, ref, index, self.run_id, number)
+            info = self.link.publish(p.device_topic(device, "graphs"), frame)
+            self.inflight.add(info.mid)
+            self.graph_bytes += len(frame)
+
+    # ------------------------------------------------------------------ events
     def _pump(self, timeout: float) -> None:
         """Handle the events that arrive within ``timeout`` (then any already queued)."""
         try:
@@ -311,6 +472,8 @@ class FleetCloud:
         elif kind == "disconnected":
             self.log(f"lost the broker ({ev[1]}): reconnecting with backoff")
             self.sending.clear()
+            self.graph_sending.clear()
+            self.graph_queued.clear()
             self.inflight.clear()
         elif kind == "refused":
             self.log(f"the broker refused the connection: {ev[1]}")
@@ -319,6 +482,7 @@ class FleetCloud:
         """After any (re)connect: retained state may be gone (a restarted broker)."""
         self.link.publish(p.cloud_topic("status"), p.make_control("status", state="online"),
                           retain=True)
+        self._publish_model()
         if self.round is not None:
             self._publish_round_message()
             if self.round.state == "open":
@@ -347,10 +511,12 @@ class FleetCloud:
             if name == "presence":
                 self._on_presence(device, payload)
             elif name == "request":
-                msg = p.parse_control(payload, "fetch", "offer")
+                msg = p.parse_control(payload, "fetch", "offer", "fetch_graph")
                 if msg["device"] != device:
                     raise p.ProtocolError("device mismatch", f"{msg['device']} on {topic}")
-                (self._on_fetch if msg["type"] == "fetch" else self._on_offer)(device, msg)
+                handler = {"fetch": self._on_fetch, "offer": self._on_offer,
+                           "fetch_graph": self._on_fetch_graph}[msg["type"]]
+                handler(device, msg)
             elif name == "update":
                 self._on_chunk(device, p.parse_chunk(payload))
             else:
@@ -410,6 +576,10 @@ class FleetCloud:
                 self.sending.append((device, task.key, i, self.round.number))
 
     def _send_chunks(self) -> None:
+        self._send_weight_chunks()
+        self._send_graph_chunks()
+
+    def _send_weight_chunks(self) -> None:
         """Publish queued weight chunks while fewer than ``send_window`` await their PUBACK."""
         rnd = self.round
         while self.sending and len(self.inflight) < self.opts.send_window:
@@ -522,6 +692,43 @@ class FleetCloud:
         rnd.bytes_up += len(blob)
         self._reply(device, up.ref.sha256, "accepted")
         self._grant_slots()
+
+
+# ---------------------------------------------------------------------- exported graphs
+def export_graphs(cfg: RunConfig, state: State, directory: Path, data: Any,
+                  quantize: str | None, source: dict[str, Any]) -> None:
+    """``export.exporter.export_onnx`` of ``state`` into ``directory``, checks included.
+
+    The export builds torch modules, whose initialisation draws from torch's global RNG; the
+    run's RNG (checkpointed, so that a resumed run computes what an uninterrupted one does) is
+    restored afterwards, so exporting never changes what the next round computes."""
+    from export.exporter import export_onnx
+
+    with torch.random.fork_rng(devices=[]):
+        export_onnx(cfg.model, state, directory, data, quantize=quantize, source=source)
+
+
+def load_release(directory: Path, run_id: str, server_round: int) -> ModelRelease:
+    """An export of this run read back for serving: every file is checked against the
+    manifest's sha256 (ValueError otherwise) and described in the ``model`` message."""
+    manifest_bytes = (directory / "manifest.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
+    if manifest.get("source", {}).get("run") != run_id:
+        raise ValueError(f"{directory} was exported by another run")
+    manifest_ref = p.blob_ref(manifest_bytes)
+    blobs = {manifest_ref.sha256: (manifest_bytes, manifest_ref)}
+    files = []
+    for entry in manifest["files"]:
+        data = (directory / entry["file"]).read_bytes()
+        ref = p.blob_ref(data)
+        if ref.sha256 != entry["sha256"]:
+            raise ValueError(f"{directory / entry['file']}: sha256 differs from the manifest's")
+        files.append(p.GraphFile(entry["file"], entry["kind"], entry["index"],
+                                 entry["precision"], ref))
+        blobs[ref.sha256] = (data, ref)
+    message = p.make_control("model", run=run_id, round=server_round, model=manifest["model"],
+                             format=manifest["format"], manifest=manifest_ref, files=files)
+    return ModelRelease(server_round, directory, message, blobs)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -10,7 +10,9 @@ Three kinds of payload travel:
 - chunk frames: ``MAGIC``, a 4-byte little-endian header length, a JSON header naming the blob's
   sha256, the chunk's index and the chunk count, then at most ``CHUNK_BYTES`` raw bytes;
 - blobs (reassembled from chunks): tensor files (``common.tensorfile``), which hold no code, so
-  nothing received is ever unpickled.
+  nothing received is ever unpickled; or the served model's ONNX graphs and ``manifest.json``,
+  raw bytes checked against the sha256 of the ``model`` message and written under bare file
+  names that ``GRAPH_FILE`` allows (nothing from the network names a path).
 """
 
 from __future__ import annotations
@@ -36,16 +38,22 @@ MAX_CHUNK_HEADER = 2048
 MAX_FRAME_BYTES = CHUNK_BYTES + MAX_CHUNK_HEADER + 8
 MAX_BLOB_BYTES = 512 * 1024 * 1024
 MAGIC = b"HMFC"
+MAX_GRAPH_BYTES = 128 * 1024 * 1024  # one served ONNX graph (STL-10's deepest is ~23 MB)
+MAX_MANIFEST_BYTES = 1024 * 1024  # a served manifest.json (a few KB in practice)
+MAX_GRAPH_FILES = 64
+GRAPH_FORMAT = "hmf-onnx/1"
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+# A served graph's name: bare (no "/"), not hidden, at most 64 characters, ending in ".onnx".
+GRAPH_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,58}\.onnx")
 
 # Topics: what the cloud publishes to everyone, and each device's own sub-tree.
-CLOUD_TOPICS = ("round", "status")
+CLOUD_TOPICS = ("round", "status", "model")
 DEVICE_UP = ("presence", "request", "update")  # device -> cloud
-DEVICE_DOWN = ("task", "weights", "reply")  # cloud -> device
+DEVICE_DOWN = ("task", "weights", "reply", "graphs")  # cloud -> device
 
 
 class ProtocolError(ValueError):
@@ -182,12 +190,64 @@ def _blobref(field: str, v: Any) -> BlobRef:
     return BlobRef(sha, size, chunks, chunk)
 
 
+def _capped_blobref(limit: int) -> Callable[[str, Any], BlobRef]:
+    """A blob reference no larger than ``limit``: a receiver allocates its size up front."""
+    def check(field: str, v: Any) -> BlobRef:
+        ref = _blobref(field, v)
+        if ref.size > limit:
+            raise ProtocolError("oversized graph", f"{field}: {ref.size} bytes > {limit}")
+        return ref
+    return check
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One file of a served model: a bare ``file`` name, what it computes, and its blob."""
+
+    file: str
+    kind: str  # "exit" or "segment"
+    index: int  # 1..3
+    precision: str  # "fp32" or "int8"
+    blob: BlobRef
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "kind": self.kind, "index": self.index,
+                "precision": self.precision, "blob": self.blob.to_json()}
+
+
+def _graph_file(field: str, v: Any) -> GraphFile:
+    if not isinstance(v, dict):
+        raise _bad(field, v)
+    return GraphFile(_text(GRAPH_FILE, 64)(f"{field}.file", v.get("file")),
+                     _choice("exit", "segment")(f"{field}.kind", v.get("kind")),
+                     _TIER(f"{field}.index", v.get("index")),
+                     _choice("fp32", "int8")(f"{field}.precision", v.get("precision")),
+                     _capped_blobref(MAX_GRAPH_BYTES)(f"{field}.blob", v.get("blob")))
+
+
+def _graph_files(field: str, v: Any) -> list[GraphFile]:
+    """1..MAX_GRAPH_FILES entries; names and (kind, index, precision) each appear once."""
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_GRAPH_FILES:
+        raise _bad(field, v)
+    files = [_graph_file(f"{field}[{i}]", x) for i, x in enumerate(v)]
+    if len({f.file for f in files}) != len(files) or len(
+            {(f.kind, f.index, f.precision) for f in files}) != len(files):
+        raise ProtocolError("bad field", f"{field}: a file name or graph appears twice")
+    return files
+
+
 def _train(field: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _bad(field, v)
-    return {"epochs": _int(1, 10_000)(f"{field}.epochs", v.get("epochs")),
-            "batch_size": _int(1, 1_000_000)(f"{field}.batch_size", v.get("batch_size")),
-            "lr": _number(0.0, 100.0)(f"{field}.lr", v.get("lr"))}
+    out = {"epochs": _int(1, 10_000)(f"{field}.epochs", v.get("epochs")),
+           "batch_size": _int(1, 1_000_000)(f"{field}.batch_size", v.get("batch_size")),
+           "lr": _number(0.0, 100.0)(f"{field}.lr", v.get("lr"))}
+    if v.get("distill") is not None:  # absent or null: the plain joint loss
+        out["distill"] = _choice("mutual", "deepest")(f"{field}.distill", v["distill"])
+        out["distill_weight"] = _number(0.0, 1e3)(f"{field}.distill_weight",
+                                                  v.get("distill_weight"))
+        out["temperature"] = _number(1e-3, 1e3)(f"{field}.temperature", v.get("temperature"))
+    return out
 
 
 _DEVICE = _text(DEVICE_ID, 64)
@@ -221,6 +281,14 @@ MESSAGES: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "reply": {"run": _RUN, "round": _ROUND, "device": _DEVICE, "sha256": _text(SHA256, 64),
               "status": _choice("send", "wait", "accepted", "rejected"),
               "reason": _text(limit=300)},
+    # cloud -> everyone, retained: the latest global model as ONNX graphs (docs/PROTOCOL.md)
+    "model": {"run": _RUN, "round": _ROUND, "model": _text(limit=64),
+              "format": _choice(GRAPH_FORMAT),
+              "manifest": _capped_blobref(MAX_MANIFEST_BYTES), "files": _graph_files},
+    # device -> cloud: chunks of one file of the current model message
+    "fetch_graph": {"run": _RUN, "round": _ROUND, "device": _DEVICE,
+                    "sha256": _text(SHA256, 64),
+                    "missing": _optional(_ints(100_000, MAX_BLOB_BYTES))},
 }
 
 
@@ -228,10 +296,18 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _wire(v: Any) -> Any:
+    """Blob references and graph entries (also inside lists) as their JSON objects."""
+    if isinstance(v, (BlobRef, GraphFile)):
+        return v.to_json()
+    if isinstance(v, list):
+        return [_wire(x) for x in v]
+    return v
+
+
 def make_control(kind: str, **fields: Any) -> bytes:
     """A control message, validated as a receiver would (a sender bug fails here, loudly)."""
-    msg = {"schema": SCHEMA, "type": kind,
-           **{k: (v.to_json() if isinstance(v, BlobRef) else v) for k, v in fields.items()}}
+    msg = {"schema": SCHEMA, "type": kind, **{k: _wire(v) for k, v in fields.items()}}
     payload = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
     parse_control(payload, kind)
     return payload
@@ -241,7 +317,8 @@ def parse_control(payload: bytes, *kinds: str) -> dict[str, Any]:
     """Validate a control message; ``kinds`` restricts the accepted types (all if empty).
 
     Returns ``{"type": ..., field: value}`` with only the known fields; blob references become
-    ``BlobRef``. Unknown extra fields are ignored (a newer sender of the same schema)."""
+    ``BlobRef``, a model's files ``GraphFile``. Unknown extra fields are ignored (a newer
+    sender of the same schema)."""
     if len(payload) > MAX_CONTROL_BYTES:
         raise ProtocolError("oversized message", f"{len(payload)} bytes > {MAX_CONTROL_BYTES}")
     try:

@@ -9,6 +9,9 @@ request is repeated after ``retry_s`` without an answer, and at once after a rec
 cloud ignores repeats. A trained update is kept in the work directory until accepted, so a
 restarted device, or a restarted cloud that re-runs the round, does not train twice.
 
+With a ``ModelFetcher`` (device/serving.py) the agent also follows the cloud's retained
+``model`` message and hands it the graph chunks; the fetcher decides what to request.
+
 All work runs on the main thread; paho's callbacks only enqueue events (common/mqtt_link.py).
 """
 
@@ -30,6 +33,7 @@ from common import tensorfile
 from common.models import SPECS, build_model
 from common.mqtt_link import BrokerSettings, Link
 from common.training import TrainConfig, accuracy_per_exit, train_task
+from device.serving import ModelFetcher
 
 SOFTWARE = "hmf-device/0.1.0"
 
@@ -56,12 +60,15 @@ def load_device_data(path: str | Path) -> dict[str, np.ndarray]:
 class DeviceAgent:
     def __init__(self, device_id: str, broker: BrokerSettings, data: dict[str, np.ndarray],
                  work_dir: str | Path, tier: int | None = None, retry_s: float = 10.0,
-                 stay: bool = False, log: Callable[[str], None] = print) -> None:
+                 stay: bool = False, log: Callable[[str], None] = print,
+                 serving: ModelFetcher | None = None) -> None:
         self.id = p.check_device_id(device_id)
         self.data, self.tier, self.retry_s, self.stay, self.log = data, tier, retry_s, stay, log
+        self.serving = serving
         self.work = Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         topics = [p.cloud_topic("round"), p.cloud_topic("status")]
+        topics += [p.cloud_topic("model")] if serving else []
         topics += [p.device_topic(self.id, n) for n in p.DEVICE_DOWN]
         bye = p.make_control("bye", device=self.id, reason="connection lost")
         self.link = Link(self.id, broker, topics, will=(self.topic("presence"), bye))
@@ -115,6 +122,8 @@ class DeviceAgent:
                                    samples=len(self.data["x"]), software=SOFTWARE)
             self.link.publish(self.topic("presence"), hello, retain=True)
             self.last_sent = 0.0  # repeat the pending request at once
+            if self.serving:
+                self.serving.reconnected()
         elif ev[0] == "disconnected":
             self.log(f"{self.id}: lost the broker ({ev[1]}): reconnecting with backoff")
         elif ev[0] == "refused":
@@ -139,6 +148,15 @@ class DeviceAgent:
             self._on_weights(p.parse_chunk(payload))
         elif topic == self.topic("reply"):
             self._on_reply(p.parse_control(payload, "reply"))
+        elif self.serving and topic == p.cloud_topic("model"):
+            if payload:  # an empty retained message: the cloud serves nothing now
+                self._request_graphs(self.serving.on_model(p.parse_control(payload, "model")))
+        elif self.serving and topic == self.topic("graphs"):
+            self._request_graphs(self.serving.on_chunk(p.parse_chunk(payload)))
+
+    def _request_graphs(self, request: bytes | None) -> None:
+        if request is not None:
+            self.link.publish(self.topic("request"), request)
 
     # ------------------------------------------------------------------ state machine
     def _on_cloud_status(self, state: str) -> None:
@@ -222,6 +240,8 @@ class DeviceAgent:
         self.last_sent = time.monotonic()
 
     def _retry(self) -> None:
+        if self.serving and self.link.connected.is_set():
+            self._request_graphs(self.serving.retry())
         if self.phase == "idle" or time.monotonic() - self.last_sent < self.retry_s:
             return
         if self._active() is None:
@@ -270,8 +290,7 @@ class DeviceAgent:
             self.done.add((task["run"], task["round"]))
             return
         local_acc = self._local_accuracy(model, state)
-        cfg = TrainConfig(task["train"]["epochs"], task["train"]["batch_size"],
-                          task["train"]["lr"])
+        cfg = TrainConfig.from_json(task["train"])
         self.log(f"{self.id}: round {task['round']}: training {cfg.epochs} epoch(s) on "
                  f"{len(x)} samples")
         start = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,7 +15,8 @@ from device.runtime import DeviceModel, ManifestError, Prediction
 
 _MODEL_DIR = click.option("--model-dir", required=True,
                           type=click.Path(exists=True, file_okay=False),
-                          help="Directory written by `hmf export onnx` (manifest.json).")
+                          help="Directory written by `hmf export onnx` (manifest.json), or "
+                               "a joined device's WORK_DIR/model/current.")
 _PRECISION = click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
                           show_default=True, help="Which exported graphs to run.")
 _THREADS = click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -23,6 +25,12 @@ _PROVIDERS = click.option("--providers", default="CPUExecutionProvider", show_de
                           help="ONNX Runtime execution providers in order of preference, "
                                "comma-separated (Jetson: TensorrtExecutionProvider,"
                                "CUDAExecutionProvider,CPUExecutionProvider).")
+
+
+def _pinned(model_dir: str) -> Path:
+    """The directory behind ``model_dir``, resolved once: when ``hmf-device join`` moves its
+    ``current`` link to a newer model mid-run, this run keeps reading one model's graphs."""
+    return Path(model_dir).resolve()
 
 
 def _provider_list(text: str) -> list[str]:
@@ -62,7 +70,7 @@ def profile(model_dir: str, runs: int, batch: int, budget_ms: float | None, prec
     from device.profile import tier_within
 
     try:
-        report = run_profile(model_dir, runs=runs, batch=batch, threads=threads,
+        report = run_profile(_pinned(model_dir), runs=runs, batch=batch, threads=threads,
                              precision=precision, providers=_provider_list(providers))
     except (ManifestError, ValueError) as e:
         raise click.ClickException(str(e)) from None
@@ -139,7 +147,7 @@ def predict(model_dir: str, input_path: str, key: str | None, exit_k: int | None
         raise click.UsageError("give --exit or --threshold, not both")
     x, y = _load_input(input_path, key)
     try:
-        model = DeviceModel(model_dir, precision=precision, threads=threads,
+        model = DeviceModel(_pinned(model_dir), precision=precision, threads=threads,
                             providers=_provider_list(providers))
         pred = (model.cascade(x, threshold) if threshold is not None
                 else model.predict(x, exit_k))

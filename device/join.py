@@ -10,7 +10,16 @@ from typing import Any
 
 import click
 
-MODEL_SUBDIR = "model"  # default place of a device's ONNX graphs, inside its work dir
+MODEL_SUBDIR = "model"  # a device's ONNX graphs, inside its work dir (device/serving.py)
+
+
+def default_model_dir(work_dir: str | Path) -> Path:
+    """The graphs ``--tier auto`` measures: the latest served model (``model/current``) if the
+    device holds one, else an export copied into ``model/`` by hand."""
+    from device.serving import CURRENT
+
+    root = Path(work_dir) / MODEL_SUBDIR
+    return root / CURRENT if (root / CURRENT).exists() else root
 
 
 def _tier_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
@@ -60,9 +69,14 @@ def auto_tier(model_dir: str | Path, budget_ms: float, *, runs: int = 20,
               help="Latency budget per inference for --tier auto (p95, batch 1).")
 @click.option("--model-dir", type=click.Path(file_okay=False), default=None,
               help=f"Graphs of `hmf export onnx` for --tier auto [default: "
-                   f"WORK_DIR/{MODEL_SUBDIR}].")
+                   f"WORK_DIR/{MODEL_SUBDIR}/current, else WORK_DIR/{MODEL_SUBDIR}].")
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
-              show_default=True, help="Which exported graphs --tier auto measures.")
+              show_default=True, help="Which graphs --tier auto measures and --serve-latest "
+                                      "fetches.")
+@click.option("--serve-latest/--no-serve-latest", default=True, show_default=True,
+              help=f"Fetch the graphs of this device's tier each time the cloud exports a new "
+                   f"model (hmf-cloud start --export-onnx) into WORK_DIR/{MODEL_SUBDIR}; "
+                   f"WORK_DIR/{MODEL_SUBDIR}/current always points at the latest complete one.")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
               help="Where the device keeps its last update until the cloud has it.")
 @click.option("--username", default=None, help="Broker user name (default: the device id "
@@ -80,13 +94,14 @@ def join(broker: str, device_id: str, data_path: str, tier: int | str | None,
          budget_ms: float | None, model_dir: str | None, precision: str, work_dir: str,
          username: str | None, password_file: str | None, tls_ca: str | None,
          tls_cert: str | None, tls_key: str | None, threads: int | None, retry_s: float,
-         stay: bool) -> None:
+         stay: bool, serve_latest: bool) -> None:
     """Join a fleet: announce, train what the cloud assigns, upload, repeat until the run ends."""
     import torch
 
     from common import protocol as p
     from common.mqtt_link import broker_settings
     from device.agent import DeviceAgent, load_device_data
+    from device.serving import ModelFetcher
 
     try:
         p.check_device_id(device_id)
@@ -99,7 +114,7 @@ def join(broker: str, device_id: str, data_path: str, tier: int | str | None,
         raise click.UsageError("--tier auto needs --budget-ms, and --budget-ms needs --tier auto")
     if tier == "auto":
         assert budget_ms is not None
-        graphs = Path(model_dir) if model_dir else Path(work_dir) / MODEL_SUBDIR
+        graphs = Path(model_dir) if model_dir else default_model_dir(work_dir)
         try:
             tier, _ = auto_tier(graphs, budget_ms, precision=precision, threads=threads,
                                 log=lambda line: click.echo(f"{device_id}: {line}"))
@@ -107,7 +122,12 @@ def join(broker: str, device_id: str, data_path: str, tier: int | str | None,
             raise click.ClickException(str(e)) from None
     if threads:
         torch.set_num_threads(threads)
-    agent = DeviceAgent(device_id, settings, data, work_dir, tier, retry_s, stay,
-                        log=lambda line: click.echo(line))
+    log = click.echo
+    serving = None
+    if serve_latest:
+        serving = ModelFetcher(Path(work_dir) / MODEL_SUBDIR, device_id, tier, (precision,),
+                               retry_s, log=log)
+    agent = DeviceAgent(device_id, settings, data, work_dir, tier, retry_s, stay, log=log,
+                        serving=serving)
     raise SystemExit(agent.run())
 

@@ -11,8 +11,8 @@ What lands in the output directory:
 
 The export checks its own output before it writes the manifest, and refuses to write one for a
 graph that fails: ``onnx.checker`` on every file, ONNX Runtime against torch on real samples
-(max abs logit difference <= 1e-4, same argmax), and the chained segments against the per-exit
-graphs. The legacy TorchScript exporter (``dynamo=False``) is used: it needs no onnxscript, folds
+(max abs logit difference <= 1e-4 for logits of magnitude up to 1, scaled by the largest logit
+above that, same argmax), and the chained segments against the per-exit graphs. The legacy TorchScript exporter (``dynamo=False``) is used: it needs no onnxscript, folds
 BatchNorm into the convolutions and writes the weights inside the ``.onnx`` file.
 """
 
@@ -44,7 +44,14 @@ FORMAT = "hmf-onnx/1"
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint.hmf"
 INPUT = "input"
-TOLERANCE = 1e-4  # max abs logit difference allowed between ONNX Runtime and torch (fp32)
+# Max abs logit difference allowed between ONNX Runtime and torch (fp32) for logits up to 1 in
+# magnitude. float32 rounding is relative, so it scales with the largest logit: a trained model's
+# logits of ~700 differ by ~1e-4 from summation order alone (2e-7 relative).
+TOLERANCE = 1e-4
+
+
+def tolerance_for(logits: np.ndarray, tol: float = TOLERANCE) -> float:
+    return tol * max(1.0, float(np.abs(logits).max()))
 DEFAULT_OPSET = 17  # supported by every ONNX Runtime >= 1.14, JetPack 5's included
 ACCEL_UNITS = {"hapt": "g"}  # UniMiB SHAR stores m/s^2
 
@@ -221,20 +228,21 @@ def check_fp32(name: str, state: State, out: Path, entries: list[dict[str, Any]]
                               "segments": {}}
     failures = []
     for k, e in sorted(exits.items()):
-        got = run_batched(session(out / e["file"]), samples.x)[0]
+        got, limit = run_batched(session(out / e["file"]), samples.x)[0], tolerance_for(
+            ref[k - 1], tol)
         diff = float(np.abs(got - ref[k - 1]).max())
-        agree, wrong = _agreement(got, ref[k - 1], tol)
+        agree, wrong = _agreement(got, ref[k - 1], limit)
         seg = float(np.abs(chained[k] - got).max())
         report["exits"][str(k)] = {"max_abs_diff_vs_torch": diff, "argmax_agreement": agree,
-                                   "max_abs_diff_segments_vs_exit": seg}
-        if diff > tol or wrong or seg > tol:
+                                   "max_abs_diff_segments_vs_exit": seg, "tolerance": limit}
+        if diff > limit or wrong or seg > limit:
             failures.append(f"exit {k}: |ORT - torch| {diff:.2e}, {wrong} argmax flips, "
-                            f"|segments - exit| {seg:.2e} (tolerance {tol})")
+                            f"|segments - exit| {seg:.2e} (tolerance {limit:.2e})")
     for k in sorted(segments):
-        diff = float(np.abs(chained[k] - ref[k - 1]).max())
-        report["segments"][str(k)] = {"max_abs_diff_vs_torch": diff}
-        if diff > tol:
-            failures.append(f"segment {k}: |ORT - torch| {diff:.2e} (tolerance {tol})")
+        diff, limit = float(np.abs(chained[k] - ref[k - 1]).max()), tolerance_for(ref[k - 1], tol)
+        report["segments"][str(k)] = {"max_abs_diff_vs_torch": diff, "tolerance": limit}
+        if diff > limit:
+            failures.append(f"segment {k}: |ORT - torch| {diff:.2e} (tolerance {limit:.2e})")
     report["passed"] = not failures
     if failures:
         raise ExportCheckError("export check failed: " + "; ".join(failures))

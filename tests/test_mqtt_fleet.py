@@ -135,6 +135,23 @@ def test_one_round_equals_hmf_simulate(tiny_hapt, tmp_path, fleet_run):
     assert "round   1/1" in cloud.text() and "updates t1:1/1 t2:1/1 t3:1/1" in cloud.text()
 
 
+def test_depthfl_devices_train_the_simulators_distillation_loss(tiny_hapt, tmp_path, fleet_run):
+    """The task's ``train`` carries the strategy's loss (DepthFL's mutual self-distillation):
+    devices train exactly what the simulator trains, so weights and loss match it."""
+    cfg = config(tiny_hapt, clients=3, participants=3, rounds=1, strategy="depthfl")
+    reference = simulate(cfg, tmp_path / "sim")
+    run = fleet_run(cfg)
+    cloud = run.start_cloud("--min-updates", "3", "--round-timeout", "120")
+    devices = [run.start_device(d.id) for d in run.fleet.devices]
+    assert cloud.wait(150) == 0, cloud.text()
+    for d in devices:
+        assert d.wait(20) == 0
+    _, state, _ = load_checkpoint(run.out)
+    assert max_diff(state, reference) <= 1e-6
+    (row,), (sim_row,) = read_metrics(run.out), read_metrics(tmp_path / "sim")
+    assert abs(row["train_loss"] - sim_row["train_loss"]) < 1e-6
+
+
 def test_killed_device_round_closes_at_deadline_and_device_rejoins(tiny_hapt, fleet_run):
     cfg = config(tiny_hapt, clients=3, participants=3, rounds=2)
     run = fleet_run(cfg)

@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from cloud.strategies.base import ClientTask, ClientUpdate, Strategy
+from cloud.strategies.depthfl import DepthFL
 from cloud.strategies.depthwise import Depthwise
 from cloud.strategies.fedavg import FedAvg
 from cloud.strategies.fedavg_small import FedAvgSmall
 from cloud.strategies.heterofl import HeteroFL
 from cloud.strategies.hypemefed import HypeMeFed
+from cloud.strategies.scalefl import ScaleFL
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (FedAvg, FedAvgSmall, Depthwise, HypeMeFed, HeteroFL)  # type: ignore[misc]
+    s.name: s  # type: ignore[misc]
+    for s in (FedAvg, FedAvgSmall, Depthwise, HypeMeFed, HeteroFL, DepthFL, ScaleFL)
 }
 
 

@@ -10,6 +10,7 @@ import torch
 
 from cloud.aggregation import average_states, static_bn_statistics
 from common.models import NUM_BLOCKS, State, build_model, tier_state
+from common.training import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Strategy:
         """The module a client builds and the state sent to it."""
         module = build_model(self.model, depth=task.depth, width_fraction=task.width_fraction)
         return module, tier_state(global_state, task.depth)
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """The local training this strategy asks of every client, from the run's settings
+        ``base`` (epochs, batch, lr); by default plain joint cross-entropy, unchanged."""
+        return base
 
     def weight(self, update: ClientUpdate) -> float:
         return float(update.num_samples) if self.weighting == "samples" else 1.0

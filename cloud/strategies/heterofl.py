@@ -26,31 +26,44 @@ from cloud.strategies.base import ClientTask, Strategy
 from common.models import NUM_BLOCKS, State, build_model, param_count
 
 
-def _params(model: str, depth: int, fraction: float) -> int:
+def submodel_params(model: str, depth: int, fraction: float) -> int:
+    """Trainable parameters of ``model`` cut to ``depth`` blocks at a width fraction."""
     return param_count(build_model(model, depth=depth, width_fraction=fraction))
+
+
+def closest_width_fraction(model: str, depth: int, budget: int) -> float:
+    """The width fraction at which the depth-``depth`` model's parameter count is closest to
+    ``budget``; fractions step by one channel of the global model's widest layer."""
+    widest = build_model(model).spec.widths[-1]
+    lo, hi = 1, widest  # search over channel counts of the last block: params grow with it
+    while lo < hi:
+        mid = (lo + hi) // 2
+        small = submodel_params(model, depth, mid / widest) < budget
+        lo, hi = (mid + 1, hi) if small else (lo, mid)
+    below = max(lo - 1, 1)
+    best = min((below, lo),
+               key=lambda c: abs(submodel_params(model, depth, c / widest) - budget))
+    return best / widest
 
 
 @cache
 def tier_width_fractions(model: str) -> tuple[float, ...]:
     """Per tier, the width fraction of the full-depth model closest in parameters to that tier."""
-    widest = build_model(model).spec.widths[-1]
-    fractions = []
-    for tier in range(1, NUM_BLOCKS + 1):
-        budget = _params(model, tier, 1.0)
-        lo, hi = 1, widest  # search over channel counts of the last block: params grow with it
-        while lo < hi:
-            mid = (lo + hi) // 2
-            small = _params(model, NUM_BLOCKS, mid / widest) < budget
-            lo, hi = (mid + 1, hi) if small else (lo, mid)
-        below = max(lo - 1, 1)
-        best = min((below, lo), key=lambda c: abs(_params(model, NUM_BLOCKS, c / widest) - budget))
-        fractions.append(best / widest)
-    return tuple(fractions)
+    return tuple(closest_width_fraction(model, NUM_BLOCKS, submodel_params(model, tier, 1.0))
+                 for tier in range(1, NUM_BLOCKS + 1))
 
 
 def slice_state(global_state: State, shapes: dict[str, torch.Size]) -> State:
     """The leading slice of every global tensor that fits the submodel's shapes."""
     return {k: global_state[k][tuple(slice(0, n) for n in s)].clone() for k, s in shapes.items()}
+
+
+def width_sliced_submodel(model: str, global_state: State, task: ClientTask
+                          ) -> tuple[torch.nn.Module, State]:
+    """The task's width-scaled module and the leading slice of the global state that fits it."""
+    module = build_model(model, depth=task.depth, width_fraction=task.width_fraction)
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    return module, slice_state(global_state, shapes)
 
 
 @dataclass
@@ -63,8 +76,6 @@ class HeteroFL(Strategy):
         return [ClientTask(c, t, NUM_BLOCKS, fractions[t - 1]) for c, t in participants]
 
     def submodel(self, global_state: State, task: ClientTask) -> tuple[torch.nn.Module, State]:
-        module = build_model(self.model, depth=task.depth, width_fraction=task.width_fraction)
-        shapes = {k: v.shape for k, v in module.state_dict().items()}
-        return module, slice_state(global_state, shapes)
+        return width_sliced_submodel(self.model, global_state, task)
 
 

@@ -49,7 +49,8 @@ class Simulation:
         self.fed = Federation.build(data, cfg.clients, cfg.participants, cfg.tier_mix,
                                     cfg.partition, cfg.alpha, cfg.seed, cfg.min_size)
         self.strategy = strategy_for(cfg)
-        self.train_cfg = TrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr)
+        self.train_cfg = self.strategy.train_config(
+            TrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr))
         self.device = torch.device(cfg.device)
         self.x_dev, self.y_dev = self.x.to(self.device), self.y.to(self.device)
 

@@ -258,6 +258,27 @@ def test_a_device_joining_after_the_last_round_gets_the_retained_model(served):
     assert held_dir(served.tmp / served.by_tier[2] / "model").name == f"{served.run}-round_2"
 
 
+def resume_and_watch_model(served, out: Path, tag: str) -> tuple[dict, list[str]]:
+    """Resumes the run in ``out`` with --export-onnx in this process (as the CLI resolved its
+    config) and returns the first retained ``model`` message and the cloud's log lines."""
+    lines: list[str] = []
+    opts = CloudOptions(export_onnx=True, serve_graphs_s=1.0, wait_devices=0)
+    cfg = RunConfig(**load_checkpoint(out)[2]["config"])
+    cloud = FleetCloud(cfg, Fleet.load(served.tmp / "part" / "fleet.json"), out,
+                       broker_settings(served.broker.url), opts, log=lines.append,
+                       client_id=f"hmf-cloud-{tag}")
+    thread = threading.Thread(target=cloud.run, kwargs={"resume": True}, daemon=True)
+    thread.start()
+    watcher = Client(served.broker.url, f"watcher-{tag}", [p.cloud_topic("model")])
+    try:
+        msg = p.parse_control(watcher.next_message(p.cloud_topic("model")), "model")
+    finally:
+        watcher.link.stop()
+    thread.join(60)
+    assert not thread.is_alive(), "\n".join(lines)
+    return msg, lines
+
+
 def test_resume_reexports_and_republishes(served, tmp_path):
     """A cloud resumed after the last round exports round 2 again when its graphs are gone,
     publishes the model message and serves it before finishing. The export leaves torch's RNG
@@ -266,21 +287,7 @@ def test_resume_reexports_and_republishes(served, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(served.out, out)
     shutil.rmtree(out / "onnx" / "round_2")
-    lines: list[str] = []
-    opts = CloudOptions(export_onnx=True, serve_graphs_s=1.0, wait_devices=0)
-    cfg = RunConfig(**load_checkpoint(out)[2]["config"])  # as the CLI resolved it
-    cloud = FleetCloud(cfg, Fleet.load(served.tmp / "part" / "fleet.json"), out,
-                       broker_settings(served.broker.url), opts, log=lines.append,
-                       client_id="hmf-cloud-resumed")
-    thread = threading.Thread(target=cloud.run, kwargs={"resume": True}, daemon=True)
-    thread.start()
-    watcher = Client(served.broker.url, "watcher", [p.cloud_topic("model")])
-    try:
-        msg = p.parse_control(watcher.next_message(p.cloud_topic("model")), "model")
-    finally:
-        watcher.link.stop()
-    thread.join(60)
-    assert not thread.is_alive(), "\n".join(lines)
+    msg, lines = resume_and_watch_model(served, out, "resumed")
     assert torch.equal(torch.get_rng_state(), tensorfile.load(out / CHECKPOINT)[0]["rng.torch"])
     assert (msg["run"], msg["round"]) == (served.run, 2)
     again = Manifest.load(out / "onnx" / "round_2")
@@ -296,21 +303,7 @@ def test_a_failed_export_keeps_the_previous_round_current(served, tmp_path):
     shutil.copytree(served.out, out)
     shutil.rmtree(out / "onnx" / "round_2")
     (out / "onnx" / "round_2").write_text("in the way")
-    lines: list[str] = []
-    opts = CloudOptions(export_onnx=True, serve_graphs_s=1.0, wait_devices=0)
-    cfg = RunConfig(**load_checkpoint(out)[2]["config"])
-    cloud = FleetCloud(cfg, Fleet.load(served.tmp / "part" / "fleet.json"), out,
-                       broker_settings(served.broker.url), opts, log=lines.append,
-                       client_id="hmf-cloud-failing")
-    thread = threading.Thread(target=cloud.run, kwargs={"resume": True}, daemon=True)
-    thread.start()
-    watcher = Client(served.broker.url, "watcher-2", [p.cloud_topic("model")])
-    try:
-        msg = p.parse_control(watcher.next_message(p.cloud_topic("model")), "model")
-    finally:
-        watcher.link.stop()
-    thread.join(60)
-    assert not thread.is_alive(), "\n".join(lines)
+    msg, lines = resume_and_watch_model(served, out, "failing")
     assert (msg["run"], msg["round"]) == (served.run, 1)
     assert any(line.startswith("round 2: ONNX export failed") and
                line.endswith("round 1's graphs stay current") for line in lines), lines

@@ -110,11 +110,15 @@ def cifar_dir(scale: str, given: str | None, work: Path) -> str:
     src = Path(given) if given else SHARED_CIFAR
     if scale == "full":
         return str(src)
+    target = (src / "cifar10_small_uint8.npz").resolve()
+    if not target.is_file():
+        sys.exit(f"{target} not found: pass --cifar-dir DIR holding cifar10_small_uint8.npz "
+                 "(../shared/data/cifar10/ beside the project)")
     small = work / "cifar10-small"
     small.mkdir(parents=True, exist_ok=True)
     link = small / "cifar10_small_uint8.npz"
-    if not link.exists():
-        link.symlink_to((src / "cifar10_small_uint8.npz").resolve())
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
     return str(small)
 
 

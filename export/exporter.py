@@ -12,8 +12,9 @@ What lands in the output directory:
 The export checks its own output before it writes the manifest, and refuses to write one for a
 graph that fails: ``onnx.checker`` on every file, ONNX Runtime against torch on real samples
 (max abs logit difference <= 1e-4 for logits of magnitude up to 1, scaled by the largest logit
-above that, same argmax), and the chained segments against the per-exit graphs. The legacy TorchScript exporter (``dynamo=False``) is used: it needs no onnxscript, folds
-BatchNorm into the convolutions and writes the weights inside the ``.onnx`` file.
+above that, same argmax), and the chained segments against the per-exit graphs. The legacy
+TorchScript exporter (``dynamo=False``) is used: it needs no onnxscript, folds BatchNorm into
+the convolutions and writes the weights inside the ``.onnx`` file.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from cloud.config import PRESETS
-from cloud.options import resolve_flags, setting, static_bn
+from cloud.config import GENERATE, PRESETS
+from cloud.options import hypernet_gate, hypernet_reset, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import NUM_BLOCKS, SPECS, build_model, macs_per_sample, param_count
 
@@ -54,9 +54,17 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @setting("strategy", "Aggregation strategy.", type=click.Choice(list(STRATEGIES)))
 @setting("hypernet", "Hypernetwork kind (hypemefed).", type=click.Choice(["lrf", "naive"]))
 @setting("rank", "LRF rank, clipped to the weight matrix.", type=int)
-@setting("hidden", "Hypernetwork hidden size (lrf 512, naive 64 if unset).", type=int)
-@setting("hypernet-epochs", "Hypernetwork epochs per round.", type=int)
+@setting("hidden", "Hypernetwork hidden size (lrf 128, naive 64 if unset).", type=int)
+@setting("hypernet-epochs", "Full-batch Adam epochs per round after the closed-form solve.",
+         type=int)
 @setting("hypernet-lr", "Hypernetwork Adam learning rate.", type=float)
+@setting("hypernet-ridge", "Closed-form solve: pull towards last round's hypernetwork.",
+         type=float)
+@setting("hypernet-sweeps", "Closed-form solve: alternations (0: Adam epochs only).", type=int)
+@hypernet_reset
+@hypernet_gate
+@setting("generate", "What the hypernetworks generate for shallow clients.",
+         type=click.Choice(list(GENERATE)))
 @setting("rounds", "Rounds.", type=int)
 @setting("clients", "Clients in the federation.", type=int)
 @setting("participants", "Participants per round.", type=int)

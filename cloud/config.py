@@ -13,6 +13,8 @@ from typing import Any
 
 import tomllib
 
+GENERATE = ("convs", "convs+bn", "all")  # what HypeMeFed's hypernetworks may generate
+
 
 @dataclass
 class RunConfig:
@@ -21,9 +23,14 @@ class RunConfig:
     strategy: str = "hypemefed"
     hypernet: str = "lrf"
     rank: int = 100
-    hidden: int | None = None  # hypernetwork hidden size; None: 512 for lrf, 64 for naive
-    hypernet_epochs: int = 25
+    hidden: int | None = None  # hypernetwork hidden size; None: 128 for lrf, 64 for naive
+    hypernet_epochs: int = 0  # full-batch Adam epochs after the closed-form solve
     hypernet_lr: float = 5e-4
+    hypernet_ridge: float = 0.03  # closed-form solve's pull towards last round's weights
+    hypernet_sweeps: int = 5  # closed-form solve's alternations; 0: Adam only
+    hypernet_reset: bool = False  # re-initialise the hypernetworks every round
+    hypernet_gate: bool = False  # generate only where it beats the trainers' mean out of sample
+    generate: str = "convs"  # what the hypernetworks generate: convs, convs+bn or all
     rounds: int = 15
     clients: int = 30
     participants: int = 6
@@ -44,6 +51,9 @@ class RunConfig:
         self.tier_mix = tuple(float(f) for f in self.tier_mix)  # type: ignore[assignment]
         if len(self.tier_mix) != 3 or min(self.tier_mix) < 0 or abs(sum(self.tier_mix) - 1) > 1e-6:
             raise ValueError(f"tier_mix must be three fractions summing to 1, got {self.tier_mix}")
+        if self.generate not in GENERATE:
+            raise ValueError(f"generate must be one of {', '.join(GENERATE)}, "
+                             f"got {self.generate!r}")
         if self.participants > self.clients:
             raise ValueError(f"participants ({self.participants}) exceeds clients ({self.clients})")
 

@@ -26,6 +26,18 @@ static_bn = click.option(
     "(HeteroFL's static BN). [default: on for heterofl only]")
 
 
+hypernet_reset = click.option(
+    "--hypernet-reset/--no-hypernet-reset", default=None,
+    help="Re-initialise the hypernetworks (same seed) every round instead of keeping them "
+    "across rounds (an ablation). [default: keep]")
+
+hypernet_gate = click.option(
+    "--hypernet-gate/--no-hypernet-gate", default=None,
+    help="Generate a tensor only while the hypernetwork, before this round's training, predicts "
+    "this round's trained weights better than the mean of the other trainers' weights does. "
+    "[default: off, as the paper]")
+
+
 def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, Any],
                   extra: dict[str, Any] | None = None) -> RunConfig:
     """RunConfig from --preset, --config and the flags given (None = not given)."""

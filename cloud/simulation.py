@@ -29,7 +29,10 @@ def strategy_for(cfg: RunConfig) -> Strategy:
     extra = {} if cfg.static_bn is None else {"static_bn": cfg.static_bn}
     return build_strategy(cfg.strategy, cfg.model, weighting=cfg.weighting, hypernet=cfg.hypernet,
                           rank=cfg.rank, hidden=cfg.hidden, epochs=cfg.hypernet_epochs,
-                          lr=cfg.hypernet_lr, seed=cfg.seed, device=cfg.device, **extra)
+                          lr=cfg.hypernet_lr, ridge=cfg.hypernet_ridge,
+                          sweeps=cfg.hypernet_sweeps, reset=cfg.hypernet_reset,
+                          gate=cfg.hypernet_gate,
+                          generate=cfg.generate, seed=cfg.seed, device=cfg.device, **extra)
 
 
 def initial_state(cfg: RunConfig) -> State:

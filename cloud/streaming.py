@@ -19,7 +19,7 @@ from typing import Any
 
 from cloud.aggregation import RunningMean
 from cloud.strategies.base import ClientUpdate, Strategy
-from cloud.strategies.hypemefed import HypeMeFed, transitions
+from cloud.strategies.hypemefed import HypeMeFed
 from common.models import State
 
 
@@ -33,7 +33,9 @@ class StreamingAggregate:
         self.custom = not self.hyper and type(strategy).aggregate is not Strategy.aggregate
         self.kept: dict[int, ClientUpdate] = {}
         self.full: list[ClientUpdate] = []
-        self.convs = {name for pair in transitions() for name in pair} if self.hyper else set()
+        # what the hypernetworks read (convs, and BatchNorm vectors or heads if they generate
+        # them): the rest of an update is folded into the mean on arrival and dropped
+        self.needed = strategy.needed_tensors() if self.hyper else set()  # type: ignore[attr-defined]
 
     def add(self, update: ClientUpdate) -> None:
         if self.custom:
@@ -41,7 +43,7 @@ class StreamingAggregate:
             return
         self.acc.add(update.state, self.strategy.weight(update))
         if self.hyper:
-            light = {k: v for k, v in update.state.items() if k in self.convs}
+            light = {k: v for k, v in update.state.items() if k in self.needed}
             self.kept[update.task.client] = ClientUpdate(update.task, update.num_samples, light,
                                                          update.train_loss)
 
@@ -55,7 +57,7 @@ class StreamingAggregate:
         return self._finish_hypemefed(server_round)
 
     def _finish_hypemefed(self, server_round: int) -> tuple[State, dict[str, Any]]:
-        """HypeMeFed.aggregate's server step on the kept conv weights."""
+        """HypeMeFed.aggregate's server step on the kept tensors."""
         strategy: HypeMeFed = self.strategy  # type: ignore[assignment]
         light = [self.kept[c] for c in self.order if c in self.kept]
         metrics = strategy.add_generated(self.acc, light, server_round)

@@ -104,12 +104,13 @@ def test_round_without_deep_clients_does_not_crash_or_generate():
     assert torch.equal(new["blocks.2.conv1.weight"], g["blocks.2.conv1.weight"])
 
 
-def test_hypernetworks_persist_through_checkpoint(tmp_path):
-    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, epochs=2)
+@pytest.mark.parametrize("opts", [{}, {"generate": "all"}, {"reset": True}])
+def test_hypernetworks_persist_through_checkpoint(tmp_path, opts):
+    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, epochs=2, **opts)
     g = fresh_state(0)
     s.aggregate(g, [update(s, g, 0, 1, 1), update(s, g, 1, 3, 2)], 1)
     save_checkpoint(tmp_path, 1, g, s, {"x": 1})
-    t = build_strategy("hypemefed", MODEL, rank=8, hidden=32, epochs=2)
+    t = build_strategy("hypemefed", MODEL, rank=8, hidden=32, epochs=2, **opts)
     rnd, state, meta = load_checkpoint(tmp_path, t)
     assert rnd == 1 and meta["config"] == {"x": 1}
     assert all(torch.equal(state[k], g[k]) for k in g)
@@ -122,6 +123,137 @@ def test_hypernetworks_persist_through_checkpoint(tmp_path):
     a, _ = s.aggregate(g, us, 2)
     b, _ = t.aggregate(g, us, 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hypemefed_round(s, g, server_round, seeds=(1, 2, 3)):
+    """A tier-1, a tier-2 and a tier-3 participant."""
+    ups = [update(s, g, c, t, seed) for c, t, seed in zip((0, 1, 2), (1, 2, 3), seeds,
+                                                           strict=True)]
+    return ups, s.aggregate(g, ups, server_round)
+
+
+def test_hypernetwork_reset_equals_a_fresh_start_on_the_round_s_pairs():
+    g = fresh_state(0)
+    opts = dict(rank=8, hidden=32, epochs=2, reset=True)
+    reset = build_strategy("hypemefed", MODEL, **opts)
+    hypemefed_round(reset, g, 1, seeds=(1, 2, 3))
+    ups, (new, _) = hypemefed_round(reset, g, 2, seeds=(4, 5, 6))
+    fresh = build_strategy("hypemefed", MODEL, **opts)
+    fresh_new, _ = fresh.aggregate(g, ups, 2)  # round 2's pairs only, from the seed init
+    for a, b in zip(reset.hypernets.parameters(), fresh.hypernets.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(new[k], fresh_new[k]) for k in new)
+    # kept across rounds (the default), round 1 leaves its mark
+    kept = build_strategy("hypemefed", MODEL, **{**opts, "reset": False})
+    hypemefed_round(kept, g, 1, seeds=(1, 2, 3))
+    hypemefed_round(kept, g, 2, seeds=(4, 5, 6))
+    assert not all(torch.equal(a, b) for a, b in zip(kept.hypernets.parameters(),
+                                                     fresh.hypernets.parameters(), strict=True))
+
+
+def test_reset_hypernetwork_without_pairs_generates_nothing():
+    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, reset=True)
+    g = fresh_state(0)
+    hypemefed_round(s, g, 1)  # every hypernetwork trained once
+    new, metrics = s.aggregate(g, [update(s, g, 0, 1, 7), update(s, g, 1, 2, 8)], 2)
+    assert metrics["generated_tensors"] == 2  # block 2 for tier 1 only: block 3 is untrained
+    assert torch.equal(new["blocks.2.conv1.weight"], g["blocks.2.conv1.weight"])
+
+
+def by_hand_vectors(state, block, j):
+    """Block ``block``'s per-channel vectors of conv j, as the hypernetwork sees them."""
+    b = f"blocks.{block - 1}"
+    return torch.cat([state[f"{b}.conv{j}.bias"], state[f"{b}.bn{j}.weight"],
+                      state[f"{b}.bn{j}.bias"], state[f"{b}.bn{j}.running_mean"],
+                      torch.log(state[f"{b}.bn{j}.running_var"] + 1e-8)])
+
+
+def test_generate_convs_and_bn_averages_trained_and_generated_vectors():
+    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, generate="convs+bn")
+    g = fresh_state(0)
+    (shallow, middle, deep), (new, metrics) = hypemefed_round(s, g, 1)
+    assert metrics["hypernet_pairs"]["blocks.1.bn1"] == 2  # tiers 2 and 3 hold blocks 1-2
+    assert metrics["hypernet_pairs"]["blocks.2.bn2"] == 1
+    # 2 convs + 2 x 5 vectors for each generated block: tier 1 gets 2 blocks, tier 2 one
+    assert metrics["generated_tensors"] == 3 * 12
+    with torch.no_grad():
+        to2 = s.hypernets["blocks_1_bn1"].eval()
+        to3 = s.hypernets["blocks_2_bn1"].eval()
+        gen2_shallow = to2(by_hand_vectors(shallow.state, 1, 1))
+        gen3_shallow = to3(gen2_shallow)  # chained from the generated block 2
+        gen3_middle = to3(by_hand_vectors(middle.state, 2, 1))
+    c = g["blocks.2.bn1.weight"].numel()
+    names = ["conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"]
+    for i, name in enumerate(names):
+        parts = [gen3_shallow[i * c:(i + 1) * c], gen3_middle[i * c:(i + 1) * c]]
+        if name.endswith("running_var"):
+            parts = [p.exp() - 1e-8 for p in parts]
+        expected = (deep.state[f"blocks.2.{name}"] + parts[0] + parts[1]) / 3
+        torch.testing.assert_close(new[f"blocks.2.{name}"], expected)
+    assert (new["blocks.2.bn1.running_var"] > 0).all()
+    # the integer batch counter is not generated: the deep client's alone
+    assert torch.equal(new["blocks.2.bn1.num_batches_tracked"],
+                       deep.state["blocks.2.bn1.num_batches_tracked"])
+    # heads are not generated under convs+bn
+    assert torch.equal(new["heads.2.fc.weight"], deep.state["heads.2.fc.weight"])
+
+
+def test_generate_all_averages_trained_and_generated_heads():
+    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, generate="all")
+    g = fresh_state(0)
+    (shallow, middle, deep), (new, metrics) = hypemefed_round(s, g, 1)
+    assert metrics["hypernet_pairs"]["heads.1"] == 2 and metrics["hypernet_pairs"]["heads.2"] == 1
+    with torch.no_grad():
+        rows = torch.cat([middle.state["heads.1.fc.weight"],
+                          middle.state["heads.1.fc.bias"][:, None]], dim=1)  # a row per class
+        generated = s.hypernets["heads_2"].eval()(rows)
+        from_shallow = s.hypernets["heads_2"](s.hypernets["heads_1"](torch.cat(
+            [shallow.state["heads.0.fc.weight"], shallow.state["heads.0.fc.bias"][:, None]], 1)))
+    torch.testing.assert_close(new["heads.2.fc.weight"], (deep.state["heads.2.fc.weight"]
+                               + generated[:, :-1] + from_shallow[:, :-1]) / 3)
+    torch.testing.assert_close(new["heads.2.fc.bias"], (deep.state["heads.2.fc.bias"]
+                               + generated[:, -1] + from_shallow[:, -1]) / 3)
+
+
+def test_generate_setting_is_validated_and_convs_come_first():
+    with pytest.raises(ValueError, match="generate"):
+        build_strategy("hypemefed", MODEL, generate="bn")
+    convs = build_strategy("hypemefed", MODEL, rank=8, hidden=32)
+    every = build_strategy("hypemefed", MODEL, rank=8, hidden=32, generate="all")
+    for key, h in convs.hypernets.items():  # the conv hypernetworks' seeded init is shared
+        assert all(torch.equal(a, b) for a, b in zip(h.parameters(),
+                                                     every.hypernets[key].parameters(),
+                                                     strict=True))
+    assert convs.needed_tensors() == {n for pair in transitions() for n in pair}
+    assert {"blocks.2.bn2.running_var", "heads.0.fc.bias"} <= every.needed_tensors()
+
+
+def test_run_config_reaches_the_strategy():
+    from cloud.config import RunConfig
+    from cloud.simulation import strategy_for
+
+    cfg = RunConfig(hypernet_reset=True, generate="convs+bn", hypernet_ridge=0.5,
+                    hypernet_sweeps=2, hypernet_epochs=3, rank=7, hidden=16)
+    s = strategy_for(cfg)
+    assert (s.reset, s.generate, s.ridge, s.sweeps, s.epochs, s.rank, s.hidden) == (
+        True, "convs+bn", 0.5, 2, 3, 7, 16)
+    with pytest.raises(ValueError, match="generate"):
+        RunConfig(generate="heads")
+
+
+def test_simulate_flags_for_the_ablations():
+    from click.testing import CliRunner
+
+    from cloud.cli import hmf
+    from cloud.options import resolve_flags
+
+    cfg = resolve_flags(None, None, {"hypernet_reset": True, "generate": "all", "rank": None})
+    assert cfg.hypernet_reset and cfg.generate == "all" and cfg.rank == 100
+    help_text = CliRunner().invoke(hmf, ["simulate", "--help"]).output
+    for flag in ("--hypernet-reset", "--generate", "--hypernet-ridge", "--hypernet-sweeps"):
+        assert flag in help_text
+    res = CliRunner().invoke(hmf, ["simulate", "--generate", "heads"])
+    assert res.exit_code == 2 and "convs+bn" in res.output
 
 
 def test_heterofl_slices_and_elementwise_average():
@@ -145,7 +277,8 @@ def test_heterofl_slices_and_elementwise_average():
 
 
 def test_registry_and_unknown_strategy():
-    assert set(STRATEGIES) == {"fedavg", "fedavg-small", "depthwise", "hypemefed", "heterofl"}
+    assert set(STRATEGIES) == {"fedavg", "fedavg-small", "depthwise", "hypemefed", "heterofl",
+                               "depthfl", "scalefl"}
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy("fedprox", MODEL)
     assert tier_state(fresh_state(0), 1).keys() == build_model(MODEL, depth=1).state_dict().keys()

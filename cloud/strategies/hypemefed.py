@@ -1,15 +1,28 @@
-"""HypeMeFed: depth-wise FL plus hypernetwork-generated conv weights for the blocks a client
-could not train (method.md, steps 5-7).
+"""HypeMeFed: depth-wise FL plus hypernetwork-generated weights for the blocks a client could
+not train (method.md, steps 5-7).
 
 One hypernetwork per conv position per block transition (block k conv j -> block k+1 conv j).
 Each round it trains on (source, target) pairs of the *same* client, from every participant that
 trained both blocks; it then generates the missing convs of shallower clients, chained (a tier-1
 client's block 3 is generated from its generated block 2). Every tensor is averaged over the
-clients that trained or generated it; tensors nobody generates (conv bias, BatchNorm, heads) are
-averaged over the clients that trained them. The generated weights go into the averaged state
-itself (the authors' release wrote them into copies that never reached the model).
+clients that trained or generated it. The generated weights go into the averaged state itself
+(the authors' release wrote them into copies that never reached the model).
 
-A hypernetwork that has never seen a training pair generates nothing: its output would be noise.
+What is generated (``generate``, an ablation; the paper generates convs only):
+- ``convs``: the conv weights, as the paper. Conv bias, BatchNorm and exit heads are averaged
+  over the clients that trained them.
+- ``convs+bn``: also each conv's per-channel vectors (conv bias, BatchNorm weight, bias, running
+  mean and running variance), by a small MLP per (transition, conv position) from block k's five
+  vectors, concatenated, to block k+1's. Running variances are mapped as logarithms, so that a
+  generated variance is positive. (BatchNorm's batch counter is an integer: never generated.)
+- ``all``: also exit heads: head k+1's linear layer from head k's, one small MLP applied to
+  every class's row (weights and bias), so its size does not grow with the number of classes.
+
+``reset``: re-initialise the hypernetworks (same seed) at the start of every round instead of
+keeping them, as the paper does, across rounds.
+
+A hypernetwork that has not been trained (this round, with ``reset``) generates nothing: its
+output would be noise.
 """
 
 from __future__ import annotations
@@ -21,11 +34,14 @@ from typing import Any
 import torch
 
 from cloud.aggregation import RunningMean
-from cloud.hypernet import build_hypernet, fit, relative_error
+from cloud.config import GENERATE
+from cloud.hypernet import RIDGE, SWEEPS, NaiveHypernet, build_hypernet, fit
 from cloud.strategies.base import ClientUpdate, Strategy
 from common.models import NUM_BLOCKS, State, build_model
 
 CONVS = ("conv1", "conv2")
+SMALL_HIDDEN = 64  # the MLPs for per-channel vectors and head rows
+LOG_EPS = 1e-8  # running variances are mapped as log(var + eps)
 
 
 def conv_name(block: int, conv: str) -> str:
@@ -33,16 +49,82 @@ def conv_name(block: int, conv: str) -> str:
     return f"blocks.{block - 1}.{conv}.weight"
 
 
+def vector_names(block: int, j: int) -> tuple[str, ...]:
+    """The per-channel vectors of conv ``j`` (1-based) of exit block ``block``."""
+    b = f"blocks.{block - 1}"
+    return (f"{b}.conv{j}.bias", f"{b}.bn{j}.weight", f"{b}.bn{j}.bias",
+            f"{b}.bn{j}.running_mean", f"{b}.bn{j}.running_var")
+
+
+def head_names(block: int) -> tuple[str, str]:
+    return f"heads.{block - 1}.fc.weight", f"heads.{block - 1}.fc.bias"
+
+
 def transitions() -> list[tuple[str, str]]:
     """(source, target) conv names, shallow first: the hypernetworks' order of generation."""
     return [(conv_name(k, c), conv_name(k + 1, c)) for k in range(1, NUM_BLOCKS) for c in CONVS]
 
 
-def training_pairs(updates: list[ClientUpdate], source: str, target: str, device: str = "cpu"
+@dataclass(frozen=True)
+class Mapping:
+    """One hypernetwork: block k's tensors ``sources`` -> block k+1's ``targets``."""
+
+    name: str  # in the metrics: the target conv's name, or e.g. blocks.1.bn1, heads.1
+    kind: str  # "conv", "vectors" or "head"
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """ModuleDict keys cannot contain dots."""
+        return self.name.replace(".", "_")
+
+
+def mappings(generate: str = "convs") -> list[Mapping]:
+    """Every hypernetwork of a ``generate`` setting. Each kind is listed shallow first, so that
+    chained generation (block 3 from a generated block 2) works; convs first, so their seeded
+    initialisation does not depend on ``generate``."""
+    if generate not in GENERATE:
+        raise ValueError(f"unknown generate setting {generate!r}; choose one of "
+                         f"{', '.join(GENERATE)}")
+    steps = range(1, NUM_BLOCKS)
+    out = [Mapping(t, "conv", (s,), (t,)) for s, t in transitions()]
+    if generate != "convs":
+        out += [Mapping(f"blocks.{k}.bn{j}", "vectors", vector_names(k, j), vector_names(k + 1, j))
+                for k in steps for j in (1, 2)]
+    if generate == "all":
+        out += [Mapping(f"heads.{k}", "head", head_names(k), head_names(k + 1)) for k in steps]
+    return out
+
+
+def pack(mapping: Mapping, state: State, names: tuple[str, ...]) -> torch.Tensor:
+    """The tensors ``names`` of ``state`` as one hypernetwork input or target."""
+    if mapping.kind == "conv":
+        return state[names[0]]
+    if mapping.kind == "vectors":
+        *plain, var = (state[n] for n in names)
+        return torch.cat([*plain, torch.log(var.clamp_min(0) + LOG_EPS)], dim=-1)
+    weight, bias = state[names[0]], state[names[1]]
+    return torch.cat([weight, bias[..., None]], dim=-1)  # one row per class
+
+
+def unpack(mapping: Mapping, out: torch.Tensor) -> State:
+    """Inverse of ``pack`` for the mapping's targets."""
+    if mapping.kind == "conv":
+        return {mapping.targets[0]: out}
+    if mapping.kind == "vectors":
+        *plain, var = out.chunk(len(mapping.targets), dim=-1)
+        return dict(zip(mapping.targets, [*plain, (var.exp() - LOG_EPS).clamp_min(0)],
+                        strict=True))
+    return {mapping.targets[0]: out[..., :-1], mapping.targets[1]: out[..., -1]}
+
+
+def training_pairs(updates: list[ClientUpdate], mapping: Mapping, device: str = "cpu"
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Source and target weights of every client that trained both."""
-    both = [u for u in updates if source in u.state and target in u.state]
-    return [u.state[source].to(device) for u in both], [u.state[target].to(device) for u in both]
+    """Packed source and target of every client that holds all of both."""
+    both = [u for u in updates if all(n in u.state for n in mapping.sources + mapping.targets)]
+    return ([pack(mapping, u.state, mapping.sources).to(device) for u in both],
+            [pack(mapping, u.state, mapping.targets).to(device) for u in both])
 
 
 @dataclass
@@ -50,52 +132,105 @@ class HypeMeFed(Strategy):
     hypernet: str = "lrf"
     rank: int = 100
     hidden: int | None = None
-    epochs: int = 25
+    epochs: int = 0  # full-batch Adam epochs after the closed-form solve (cloud/hypernet.py)
     lr: float = 5e-4
+    ridge: float = RIDGE
+    sweeps: int = SWEEPS  # 0: Adam only, no closed-form solve
+    reset: bool = False  # re-initialise the hypernetworks every round
+    gate: bool = False  # generate only where it beats the trainers' mean out of sample
+    generate: str = "convs"  # or "convs+bn", "all"
     seed: int = 0
     device: str = "cpu"  # where the hypernetworks train; states stay on the CPU
     name: str = field(default="hypemefed", init=False)
 
     def __post_init__(self) -> None:
-        shapes = {k: tuple(v.shape) for k, v in build_model(self.model).state_dict().items()}
+        self.mappings = mappings(self.generate)
+        self.shapes = {k: tuple(v.shape) for k, v in build_model(self.model).state_dict().items()}
+        self.initialise()
+
+    def initialise(self) -> None:
+        """Hypernetworks from the seed, fresh optimizers, nothing trained."""
         with torch.random.fork_rng(devices=[]):  # same seed, same initial hypernetworks
             torch.manual_seed(self.seed)
-            self.hypernets = torch.nn.ModuleDict({
-                _key(t): build_hypernet(self.hypernet, shapes[s], shapes[t], rank=self.rank,
-                                        hidden=self.hidden) for s, t in transitions()})
+            self.hypernets = torch.nn.ModuleDict({m.key: self.build(m) for m in self.mappings})
         self.hypernets.to(self.device)
         self.optimizers = {k: torch.optim.Adam(h.parameters(), lr=self.lr)
                            for k, h in self.hypernets.items()}
         self.rounds_trained = {k: 0 for k in self.hypernets}
+        self.gate_open: dict[str, bool] = {}  # this round's out-of-sample verdicts (``gate``)
+
+    def build(self, m: Mapping) -> torch.nn.Module:
+        if m.kind == "conv":
+            return build_hypernet(self.hypernet, self.shapes[m.sources[0]],
+                                  self.shapes[m.targets[0]], rank=self.rank, hidden=self.hidden)
+        if m.kind == "vectors":
+            channels = self.shapes[m.sources[0]][0], self.shapes[m.targets[0]][0]
+            return NaiveHypernet((len(m.sources) * channels[0],),
+                                 (len(m.targets) * channels[1],), hidden=SMALL_HIDDEN)
+        rows = self.shapes[m.sources[0]][1] + 1, self.shapes[m.targets[0]][1] + 1
+        return NaiveHypernet((rows[0],), (rows[1],), hidden=SMALL_HIDDEN)
 
     def generator_for(self, target: str) -> torch.nn.Module:
-        return self.hypernets[_key(target)]
+        """The hypernetwork generating conv weight ``target``."""
+        return self.hypernets[target.replace(".", "_")]
+
+    def needed_tensors(self) -> set[str]:
+        """The names the server step reads from updates (a streaming cloud keeps only these)."""
+        return {n for m in self.mappings for n in m.sources + m.targets}
 
     def train_hypernets(self, updates: list[ClientUpdate], server_round: int) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + server_round)
-        pairs, losses, errors = {}, {}, {}
-        for source, target in transitions():
-            key = _key(target)
-            sources, targets = training_pairs(updates, source, target, self.device)
-            pairs[target] = len(sources)
+        if self.reset:
+            self.initialise()
+        pairs, losses, errors, gates = {}, {}, {}, {}
+        self.gate_open = {}
+        for m in self.mappings:
+            sources, targets = training_pairs(updates, m, self.device)
+            pairs[m.name] = len(sources)
+            if self.gate:
+                gates[m.name] = self.out_of_sample_check(m, sources, targets)
+                self.gate_open[m.key] = gates[m.name]["open"]
             if sources:
-                losses[target] = fit(self.hypernets[key], self.optimizers[key], sources, targets,
-                                     self.epochs, gen)
-                errors[target] = relative_error(self.hypernets[key], sources, targets)
-                self.rounds_trained[key] += 1
-        return {"hypernet_pairs": pairs, "hypernet_loss": losses, "hypernet_rel_err": errors}
+                result = fit(self.hypernets[m.key], self.optimizers[m.key], sources, targets,
+                             self.epochs, ridge=self.ridge, sweeps=self.sweeps)
+                losses[m.name], errors[m.name] = result.loss, result.relative_error
+                self.rounds_trained[m.key] += 1
+        metrics = {"hypernet_pairs": pairs, "hypernet_loss": losses, "hypernet_rel_err": errors}
+        if self.gate:
+            metrics["hypernet_gate"] = gates
+        return metrics
 
     @torch.no_grad()
-    def generate(self, state: State) -> State:
-        """Conv weights for the blocks ``state`` lacks, chained from its deepest block."""
+    def out_of_sample_check(self, m: Mapping, sources: list[torch.Tensor],
+                            targets: list[torch.Tensor]) -> dict[str, Any]:
+        """Before it trains on them, this round's pairs are new clients to the hypernetwork:
+        its relative error on them against that of predicting each client's target by the
+        mean of the *other* trainers' targets (what the trained-only average gives a shallow
+        client's block). A generated tensor can only help the aggregate if it is the better
+        predictor; with fewer than two pairs, or never trained, the gate stays shut."""
+        if len(targets) < 2 or not self.rounds_trained[m.key]:
+            return {"open": False, "generated_err": None, "mean_err": None}
+        t = torch.stack(targets).flatten(1)
+        hnet = self.hypernets[m.key].eval()
+        gen = torch.stack([hnet(s) for s in sources]).flatten(1)
+        others = (t.sum(0, keepdim=True) - t) / (len(t) - 1)
+        norm = t.norm(dim=1)
+        gen_err = float(((gen - t).norm(dim=1) / norm).mean())
+        mean_err = float(((others - t).norm(dim=1) / norm).mean())
+        return {"open": gen_err < mean_err, "generated_err": gen_err, "mean_err": mean_err}
+
+    @torch.no_grad()
+    def generate_missing(self, state: State) -> State:
+        """The tensors ``state`` lacks that the hypernetworks generate, chained from its deepest
+        block."""
         known, generated = dict(state), {}
-        for source, target in transitions():
-            hnet = self.hypernets[_key(target)]
-            if target in known or source not in known or not self.rounds_trained[_key(target)]:
+        for m in self.mappings:
+            if (m.targets[0] in known or not all(n in known for n in m.sources)
+                    or not self.rounds_trained[m.key]
+                    or (self.gate and not self.gate_open.get(m.key, False))):
                 continue
-            hnet.eval()
-            known[target] = hnet(known[source].to(self.device))
-            generated[target] = known[target].cpu()
+            hnet = self.hypernets[m.key].eval()
+            for name, value in unpack(m, hnet(pack(m, known, m.sources).to(self.device))).items():
+                known[name] = generated[name] = value.cpu()  # chained inputs: one device
         return generated
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
@@ -108,13 +243,14 @@ class HypeMeFed(Strategy):
 
     def add_generated(self, acc: RunningMean, updates: list[ClientUpdate], server_round: int
                       ) -> dict[str, Any]:
-        """The server step: train the hypernetworks on ``updates`` (their conv weights suffice),
-        then add every client's generated convs to ``acc``; returns the metrics."""
+        """The server step: train the hypernetworks on ``updates`` (the tensors named by
+        ``needed_tensors`` suffice), then add every client's generated tensors to ``acc``;
+        returns the metrics."""
         start = time.perf_counter()
         metrics = self.train_hypernets(updates, server_round)
         generated = 0
         for u in updates:
-            extra = self.generate(u.state)
+            extra = self.generate_missing(u.state)
             acc.add(extra, self.weight(u))
             generated += len(extra)
         metrics["hypernet_s"] = time.perf_counter() - start
@@ -149,8 +285,3 @@ class HypeMeFed(Strategy):
                     state.setdefault(int(idx), {})[field_name] = value
             opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][key]})
         self.rounds_trained = {k: int(v) for k, v in meta["rounds_trained"].items()}
-
-
-def _key(target: str) -> str:
-    """ModuleDict keys cannot contain dots."""
-    return target.replace(".", "_")

@@ -2,8 +2,9 @@
 predicts trained weights better than the other trainers' mean does."""
 
 
+from test_strategies import MODEL, fresh_state, update
+
 from cloud.strategies import build_strategy
-from tests.test_strategies import MODEL, fresh_state, update
 
 PARTICIPANTS = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]
 TARGET = "blocks.2.conv1.weight"

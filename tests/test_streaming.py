@@ -3,10 +3,10 @@ arrival, the round's result must equal the simulator's ``strategy.aggregate`` on
 
 import pytest
 import torch
+from test_strategies import MODEL, fresh_state, update
 
 from cloud.strategies import build_strategy
 from cloud.streaming import StreamingAggregate
-from tests.test_strategies import MODEL, fresh_state, update
 
 PARTICIPANTS = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]
 

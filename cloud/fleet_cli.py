@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from cloud.config import PRESETS
-from cloud.options import resolve_flags, setting, static_bn
+from cloud.config import GENERATE, PRESETS
+from cloud.options import hypernet_gate, hypernet_reset, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import SPECS
 
@@ -47,6 +47,12 @@ def _run_options(f):
         setting("hidden", "Hypernetwork hidden size.", type=int),
         setting("hypernet-epochs", "Hypernetwork epochs per round.", type=int),
         setting("hypernet-lr", "Hypernetwork learning rate.", type=float),
+        setting("hypernet-ridge", "Closed-form solve: pull towards last round's hypernetwork.",
+                type=float),
+        setting("hypernet-sweeps", "Closed-form solve: alternations (0: Adam only).", type=int),
+        hypernet_reset,
+        hypernet_gate,
+        setting("generate", "What the hypernetworks generate.", type=click.Choice(list(GENERATE))),
         setting("rounds", "Rounds.", type=int),
         setting("participants", "Participants per round.", type=int),
         setting("tier-mix", "Fractions of tiers 1,2,3 among participants."),

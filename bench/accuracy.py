@@ -248,11 +248,12 @@ def collect(work: Path, scale: str) -> dict[str, Any]:
     from cloud.runlog import read_metrics
 
     per_run: dict[str, dict[str, Any]] = {}
-    for run in plan():
-        out = work / run.name
+    for metrics in sorted(work.glob("*/*/s*/metrics.jsonl")):  # planned runs and any extra seeds
+        out = metrics.parent
         rows = read_metrics(out)
-        if rows:
-            per_run[run.name] = run_summary(rows, run_config(run, scale, "cpu", "")["rounds"])
+        if rows and out.parent.parent.name in SETTINGS:
+            planned = json.loads((out / "config.json").read_text())["rounds"]
+            per_run[str(out.relative_to(work))] = run_summary(rows, planned)
     for setting in SETTINGS:
         runs = [s for n, s in per_run.items() if n.startswith(setting + "/")]
         peak = max((s["best_global"]["3"] or 0 for s in runs), default=0)

@@ -301,7 +301,19 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mean_curve(runs: list[dict[str, Any]], col: int) -> list[tuple[int, float]]:
+    """Per round, the mean over seeds of column ``col`` of the runs' curves."""
+    by_round: dict[int, list[float]] = {}
+    for r in runs:
+        for c in r["curve"]:
+            if c[col] is not None:
+                by_round.setdefault(c[0], []).append(c[col])
+    return [(rnd, float(np.mean(v))) for rnd, v in sorted(by_round.items())]
+
+
 def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
+    """Per setting: the strategies (top) and HypeMeFed's ablations with depthwise as reference
+    (bottom), mean over the seeds each has; exit 3 on the global test set and mean local test."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,29 +321,35 @@ def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
 
     paths = []
     for setting in SETTINGS:
-        if not any(k.startswith(setting + "/") for k in result["runs"]):
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for key, run in result["runs"].items():
+            if key.startswith(setting + "/"):
+                groups.setdefault(key.split("/")[1], []).append(run)
+        if not groups:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        for key in sorted(result["runs"]):
-            if not key.startswith(setting + "/") or not key.endswith("/s0"):
-                continue
-            curve = result["runs"][key]["curve"]
-            label = key.split("/")[1]
-            for ax, col in zip(axes, (1, 2), strict=True):
-                pts = [(c[0], c[col]) for c in curve if c[col] is not None]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), label=label,
-                            lw=2 if label == "hypemefed" else 1)
-        for ax, title in zip(axes, ("global test, exit 3", "mean local test"), strict=True):
-            ax.set_title(f"{setting} ({scale}), seed 0: {title}")
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("accuracy")
-        axes[1].legend(fontsize=7, loc="lower right")
+        rows = [sorted(g for g in groups if not g.startswith("hypemefed-")),
+                sorted(g for g in groups if g.startswith("hypemefed") or g == "depthwise")]
+        rows = [r for r in rows if r]
+        fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.8 * len(rows)), squeeze=False)
+        colors = plt.get_cmap("tab10").colors
+        for row, names in zip(axes, rows, strict=True):
+            for i, name in enumerate(names):
+                for ax, col in zip(row, (1, 2), strict=True):
+                    pts = mean_curve(groups[name], col)
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), color=colors[i % 10],
+                                ls="-" if i < 10 else "--", lw=2.2 if name == "hypemefed" else 1.2,
+                                label=f"{name} ({len(groups[name])} seed(s))")
+            for ax, title in zip(row, ("global test, exit 3", "mean local test"), strict=True):
+                ax.set_title(f"{setting} ({scale}): {title}", fontsize=9)
+                ax.set_xlabel("round")
+                ax.grid(alpha=0.3)
+            row[0].set_ylabel("accuracy (mean over seeds)")
+            row[1].legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = img_dir / f"accuracy_{scale}_{setting}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -438,11 +438,8 @@ class FleetCloud:
             rel = self.release
             if rel is None or number != rel.round:
                 continue
-            blob, ref = rel.blobs[sha]
-            frame = p.chunk_frame(blob, ref, index, self.run_id, number)
-            info = self.link.publish(p.device_topic(device, "graphs"), frame)
-            self.inflight.add(info.mid)
-            self.graph_bytes += len(frame)
+            self.graph_bytes += self._publish_chunk(device, "graphs", *rel.blobs[sha], index,
+                                                    number)
 
     # ------------------------------------------------------------------ events
     def _pump(self, timeout: float) -> None:
@@ -588,11 +585,15 @@ class FleetCloud:
             device, key, index, number = self.sending.popleft()
             if number != rnd.number or rnd.state != "open":
                 continue
-            blob, ref = rnd.blobs[key]
-            frame = p.chunk_frame(blob, ref, index, self.run_id, number)
-            info = self.link.publish(p.device_topic(device, "weights"), frame)
-            self.inflight.add(info.mid)
-            rnd.bytes_down += len(frame)
+            rnd.bytes_down += self._publish_chunk(device, "weights", *rnd.blobs[key], index,
+                                                  number)
+
+    def _publish_chunk(self, device: str, topic: str, blob: bytes, ref: p.BlobRef, index: int,
+                       number: int) -> int:
+        """One chunk frame to a device, counted against the send window; returns its bytes."""
+        frame = p.chunk_frame(blob, ref, index, self.run_id, number)
+        self.inflight.add(self.link.publish(p.device_topic(device, topic), frame).mid)
+        return len(frame)
 
     # ------------------------------------------------------------------ updates in
     def _reply(self, device: str, sha: str, status: str, reason: str = "") -> None:

@@ -144,3 +144,39 @@ def retained_presence(url: str, device: str) -> bytes:
     finally:
         watcher.stop()
     return ev[2]
+
+
+class RawClient:
+    """A raw MQTT client in the test process (an anonymous broker lets it speak for anyone).
+    Messages it is not waiting for are kept, so a later ``wait`` still finds them."""
+
+    def __init__(self, url: str, client_id: str, topics: list[str]) -> None:
+        from common.mqtt_link import Link, broker_settings
+
+        self.link = Link(client_id, broker_settings(url), topics)
+        self.link.start()
+        assert self.link.connected.wait(10)
+        self.seen: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload).wait_for_publish(5)
+
+    def wait(self, topic: str, accept=lambda msg: True, timeout: float = 20.0) -> bytes:
+        import queue
+
+        for t, payload in self.seen:
+            if t == topic and accept(payload):
+                self.seen.remove((t, payload))
+                return payload
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ev = self.link.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if ev[0] != "message":
+                continue
+            if ev[1] == topic and ev[2] and accept(ev[2]):
+                return ev[2]
+            self.seen.append((ev[1], ev[2]))
+        raise AssertionError(f"nothing on {topic} within {timeout}s")

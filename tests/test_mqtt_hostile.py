@@ -4,12 +4,11 @@ round is exactly what gets aggregated."""
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
 import torch
-from mqtt_broker import Broker
+from mqtt_broker import Broker, RawClient
 
 from cloud.config import RunConfig
 from cloud.fleet import Fleet, FleetDevice
@@ -18,39 +17,18 @@ from cloud.server import CloudOptions, FleetCloud
 from cloud.simulation import initial_state
 from common import protocol as p
 from common.models import build_model, tier_state
-from common.mqtt_link import Link, broker_settings
+from common.mqtt_link import broker_settings
 
 
-class Impostor:
+class Impostor(RawClient):
     """A raw client on an anonymous broker, speaking for any device it likes."""
 
     def __init__(self, url: str) -> None:
-        self.link = Link("impostor", broker_settings(url), [p.device_topic("+", "+")])
-        self.link.start()
-        assert self.link.connected.wait(10)
+        super().__init__(url, "impostor", [p.device_topic("+", "+")])
         time.sleep(0.2)
-        self.seen: list[tuple[str, bytes]] = []
 
     def send(self, device: str, name: str, payload: bytes) -> None:
-        self.link.publish(p.device_topic(device, name), payload).wait_for_publish(5)
-
-    def wait(self, topic: str, accept=lambda msg: True, timeout: float = 20.0) -> bytes:
-        for t, payload in self.seen:
-            if t == topic and accept(payload):
-                self.seen.remove((t, payload))
-                return payload
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self.link.events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if ev[0] != "message":
-                continue
-            if ev[1] == topic and ev[2] and accept(ev[2]):
-                return ev[2]
-            self.seen.append((ev[1], ev[2]))
-        raise AssertionError(f"nothing on {topic} within {timeout}s")
+        self.publish(p.device_topic(device, name), payload)
 
 
 def test_hostile_input_is_refused_logged_and_survived(tmp_path):

@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mqtt_broker import Broker, Proc
+from mqtt_broker import Broker, Proc, RawClient
 
 from cloud.checkpoint import CHECKPOINT, load_checkpoint
 from cloud.config import RunConfig
@@ -34,7 +34,7 @@ from cloud.runlog import read_metrics
 from cloud.server import CloudOptions, FleetCloud, load_release
 from common import protocol as p
 from common import tensorfile
-from common.mqtt_link import Link, broker_settings
+from common.mqtt_link import broker_settings
 from device.cli import hmf_device
 from device.runtime import DeviceModel, Manifest
 from device.serving import CURRENT, ModelFetcher
@@ -53,56 +53,33 @@ def graph_names(tier: int) -> set[str]:
     return {f"{kind}_{k}.onnx" for kind in ("exit", "segment") for k in range(1, tier + 1)}
 
 
-class Client:
-    """A raw MQTT client in this process (the broker is anonymous: it may speak for anyone)."""
-
-    def __init__(self, url: str, client_id: str, topics: list[str]) -> None:
-        self.link = Link(client_id, broker_settings(url), topics)
-        self.link.start()
-        assert self.link.connected.wait(10)
-
-    def next_message(self, topic: str, timeout: float = 20.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self.link.events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if ev[0] == "message" and ev[1] == topic and ev[2]:
-                return ev[2]
-        raise AssertionError(f"nothing on {topic} within {timeout}s")
-
-    def send(self, topic: str, payload: bytes) -> None:
-        self.link.publish(topic, payload).wait_for_publish(5)
-
-
 def late_device_fetches(url: str, device: str, root: Path, tier: int) -> SimpleNamespace:
     """A fleet device that joins after the last round: it reads the retained model message,
     sends two hostile requests, receives a forged chunk (right header, wrong bytes) through the
     broker before it asks the cloud, then fetches its tier's graphs from the cloud."""
     graphs = p.device_topic(device, "graphs")
-    me = Client(url, device, [p.cloud_topic("model"), graphs])
+    me = RawClient(url, device, [p.cloud_topic("model"), graphs])
     lines: list[str] = []
     fetcher = ModelFetcher(root, device, tier, retry_s=2.0, log=lines.append)
     try:
-        msg = p.parse_control(me.next_message(p.cloud_topic("model")), "model")
+        msg = p.parse_control(me.wait(p.cloud_topic("model")), "model")
         run, rnd = msg["run"], msg["round"]
         request = fetcher.on_model(msg)
         assert request is not None
         ask = lambda **kw: p.make_control("fetch_graph", **{  # noqa: E731
             "run": run, "round": rnd, "device": device, "missing": None, **kw})
-        me.send(p.device_topic(device, "request"), ask(sha256="0" * 64))  # unknown blob
-        me.send(p.device_topic(device, "request"), ask(round=rnd - 1,  # stale round
+        me.publish(p.device_topic(device, "request"), ask(sha256="0" * 64))  # unknown blob
+        me.publish(p.device_topic(device, "request"), ask(round=rnd - 1,  # stale round
                                                      sha256=msg["manifest"].sha256))
         ref = msg["manifest"]
         forged = p.chunk_frame(b"\x00" * ref.size, ref, 0, run, rnd)
-        me.send(graphs, forged)
-        request = fetcher.on_chunk(p.parse_chunk(me.next_message(graphs)))  # refused, refetched
+        me.publish(graphs, forged)
+        request = fetcher.on_chunk(p.parse_chunk(me.wait(graphs)))  # refused, refetched
         assert request is not None and fetcher.held is None
         deadline = time.monotonic() + 30
         while fetcher.held != (run, rnd) and time.monotonic() < deadline:
             if request is not None:
-                me.send(p.device_topic(device, "request"), request)
+                me.publish(p.device_topic(device, "request"), request)
             try:
                 ev = me.link.events.get(timeout=0.2)
             except queue.Empty:
@@ -170,12 +147,13 @@ def hostile_models(url: str, out: Path) -> None:
     """Not retained (the cloud's retained message stays): a model message naming a path, and
     round 1's real message again while the devices fetch round 2."""
     run = json.loads((out / "fleet_run.json").read_text())["run"]
-    rogue = Client(url, "rogue-cloud", [])
+    rogue = RawClient(url, "rogue-cloud", [])
     try:
         msg = json.loads(load_release(out / "onnx" / "round_2", run, 2).message)
         msg["files"][0]["file"] = "../x.onnx"
-        rogue.send(p.cloud_topic("model"), json.dumps(msg).encode())
-        rogue.send(p.cloud_topic("model"), load_release(out / "onnx" / "round_1", run, 1).message)
+        rogue.publish(p.cloud_topic("model"), json.dumps(msg).encode())
+        old_release = load_release(out / "onnx" / "round_1", run, 1)
+        rogue.publish(p.cloud_topic("model"), old_release.message)
     finally:
         rogue.link.stop()
 
@@ -269,9 +247,9 @@ def resume_and_watch_model(served, out: Path, tag: str) -> tuple[dict, list[str]
                        client_id=f"hmf-cloud-{tag}")
     thread = threading.Thread(target=cloud.run, kwargs={"resume": True}, daemon=True)
     thread.start()
-    watcher = Client(served.broker.url, f"watcher-{tag}", [p.cloud_topic("model")])
+    watcher = RawClient(served.broker.url, f"watcher-{tag}", [p.cloud_topic("model")])
     try:
-        msg = p.parse_control(watcher.next_message(p.cloud_topic("model")), "model")
+        msg = p.parse_control(watcher.wait(p.cloud_topic("model")), "model")
     finally:
         watcher.link.stop()
     thread.join(60)

@@ -40,7 +40,8 @@ class RunningMean:
                 self.sums[name] = torch.zeros_like(ref, dtype=torch.float64)
                 self.weights[name] = torch.zeros_like(ref, dtype=torch.float64)
             region = leading_slice(t.shape)
-            self.sums[name][region] += weight * t.to(torch.float64)
+            # in place, in float64: no float64 copies of the tensor (the cloud's hot path)
+            self.sums[name][region].add_(t, alpha=weight)
             self.weights[name][region] += weight
 
     def contributors(self, name: str) -> float:

@@ -34,7 +34,8 @@ hypernet_reset = click.option(
 hypernet_gate = click.option(
     "--hypernet-gate/--no-hypernet-gate", default=None,
     help="Generate a tensor only while the hypernetwork, before this round's training, predicts "
-    "this round's trained weights better than the mean of the other trainers' weights does. "
+    "this round's trained weights better than both the mean of the other trainers' weights and "
+    "the global model's weights do. "
     "[default: off, as the paper]")
 
 

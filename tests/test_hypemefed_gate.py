@@ -1,5 +1,6 @@
 """HypeMeFed's optional gate: generate a tensor only while the hypernetwork, out of sample,
-predicts trained weights better than the other trainers' mean does."""
+predicts trained weights better than both trivial predictors do: the other trainers' mean and
+the global model's tensor."""
 
 
 from test_strategies import MODEL, fresh_state, update
@@ -26,8 +27,10 @@ def test_gate_is_shut_before_any_training_and_checks_new_pairs_after():
     # independent reference: the two tier-3 clients' block-3 conv, each predicted by the other
     t = [u.state[TARGET] for u in ups if u.task.tier == 3]
     mean_err = ((t[1] - t[0]).norm() / t[0].norm() + (t[0] - t[1]).norm() / t[1].norm()) / 2
+    global_err = sum((g[TARGET] - ti).norm() / ti.norm() for ti in t) / 2
     assert abs(verdict["mean_err"] - float(mean_err)) < 1e-5
-    assert verdict["open"] == (verdict["generated_err"] < verdict["mean_err"])
+    assert abs(verdict["global_err"] - float(global_err)) < 1e-5
+    assert verdict["open"] == (verdict["generated_err"] < min(mean_err, global_err))
     opened = sum(v["open"] for v in m2["hypernet_gate"].values())
     assert (m2["generated_tensors"] > 0) == (opened > 0)
 

@@ -178,7 +178,8 @@ class HypeMeFed(Strategy):
         """The names the server step reads from updates (a streaming cloud keeps only these)."""
         return {n for m in self.mappings for n in m.sources + m.targets}
 
-    def train_hypernets(self, updates: list[ClientUpdate], server_round: int) -> dict[str, Any]:
+    def train_hypernets(self, updates: list[ClientUpdate], server_round: int,
+                        global_state: State) -> dict[str, Any]:
         if self.reset:
             self.initialise()
         pairs, losses, errors, gates = {}, {}, {}, {}
@@ -187,7 +188,8 @@ class HypeMeFed(Strategy):
             sources, targets = training_pairs(updates, m, self.device)
             pairs[m.name] = len(sources)
             if self.gate:
-                gates[m.name] = self.out_of_sample_check(m, sources, targets)
+                previous = pack(m, global_state, m.targets)
+                gates[m.name] = self.out_of_sample_check(m, sources, targets, previous)
                 self.gate_open[m.key] = gates[m.name]["open"]
             if sources:
                 result = fit(self.hypernets[m.key], self.optimizers[m.key], sources, targets,
@@ -201,22 +203,29 @@ class HypeMeFed(Strategy):
 
     @torch.no_grad()
     def out_of_sample_check(self, m: Mapping, sources: list[torch.Tensor],
-                            targets: list[torch.Tensor]) -> dict[str, Any]:
+                            targets: list[torch.Tensor], previous: torch.Tensor
+                            ) -> dict[str, Any]:
         """Before it trains on them, this round's pairs are new clients to the hypernetwork:
-        its relative error on them against that of predicting each client's target by the
-        mean of the *other* trainers' targets (what the trained-only average gives a shallow
-        client's block). A generated tensor can only help the aggregate if it is the better
-        predictor; with fewer than two pairs, or never trained, the gate stays shut."""
+        its relative error on them against those of the two trivial predictors of a client's
+        target, the mean of the *other* trainers' targets (what the trained-only average gives
+        a shallow client's block) and ``previous``, the global model's tensor (what the client
+        holds). A generated tensor can only help the aggregate if it beats both; with fewer
+        than two pairs, or never trained, the gate stays shut."""
         if len(targets) < 2 or not self.rounds_trained[m.key]:
-            return {"open": False, "generated_err": None, "mean_err": None}
+            return {"open": False, "generated_err": None, "mean_err": None, "global_err": None}
         t = torch.stack(targets).flatten(1)
         hnet = self.hypernets[m.key].eval()
         gen = torch.stack([hnet(s) for s in sources]).flatten(1)
         others = (t.sum(0, keepdim=True) - t) / (len(t) - 1)
         norm = t.norm(dim=1)
-        gen_err = float(((gen - t).norm(dim=1) / norm).mean())
-        mean_err = float(((others - t).norm(dim=1) / norm).mean())
-        return {"open": gen_err < mean_err, "generated_err": gen_err, "mean_err": mean_err}
+
+        def err(pred: torch.Tensor) -> float:
+            return float(((pred - t).norm(dim=1) / norm).mean())
+
+        gen_err, mean_err = err(gen), err(others)
+        global_err = err(previous.to(t).flatten().unsqueeze(0))
+        return {"open": gen_err < min(mean_err, global_err), "generated_err": gen_err,
+                "mean_err": mean_err, "global_err": global_err}
 
     @torch.no_grad()
     def generate_missing(self, state: State) -> State:
@@ -247,7 +256,7 @@ class HypeMeFed(Strategy):
         ``needed_tensors`` suffice), then add every client's generated tensors to ``acc``;
         returns the metrics."""
         start = time.perf_counter()
-        metrics = self.train_hypernets(updates, server_round)
+        metrics = self.train_hypernets(updates, server_round, acc.reference)
         generated = 0
         for u in updates:
             extra = self.generate_missing(u.state)

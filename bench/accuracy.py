@@ -57,7 +57,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "hapt-subject": dict(model="hapt", partition="subject"),
     "hapt-dir0.1": dict(model="hapt", partition="dirichlet", alpha=0.1),
     "hapt-dir1.0": dict(model="hapt", partition="dirichlet", alpha=1.0),
+    # HypeMeFed's motivating case: tiers follow the clients' dominant label, so the deep tier
+    # rarely sees the classes the weak devices hold (cloud/federation.py, TIER_BY)
+    "hapt-dir0.1-tiered": dict(model="hapt", partition="dirichlet", alpha=0.1, tier_by="label"),
 }
+TIERED_SETTING = "hapt-dir0.1-tiered"  # also runs hypemefed generating heads, every seed
 ABLATION_SETTING = "hapt-subject"  # the setting where 15 rounds train every exit
 ABLATIONS: dict[str, dict[str, Any]] = {
     "rank1": dict(rank=1), "rank8": dict(rank=8), "rank32": dict(rank=32),
@@ -67,6 +71,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "adam25": dict(hypernet_sweeps=0, hypernet_epochs=25, hidden=512),
     # a fix the method allows: generate only where it beats the trainers' mean out of sample
     "gate": dict(hypernet_gate=True),
+    # the gate with BatchNorm statistics recomputed for the new global model (see STATIC_BN)
+    "gate-sbn": dict(hypernet_gate=True, static_bn=True),
 }
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
@@ -113,6 +119,8 @@ def plan(only: str | None = None) -> list[Run]:
             strategies = MAIN + (OTHERS if seed == 0 else ())
             runs += [Run(setting, s, seed) for s in strategies]
             runs += [Run(setting, s, seed, "sbn", STATIC_BN) for s in MAIN]
+            if setting == TIERED_SETTING:  # only generated heads can carry tier 1's classes
+                runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))
             if seed == 0 and setting == ABLATION_SETTING:
                 runs += [Run(setting, "hypemefed", 0, k, v) for k, v in ABLATIONS.items()]
     wanted = only.split(",") if only else None
@@ -334,8 +342,9 @@ def mean_curve(runs: list[dict[str, Any]], col: int) -> list[tuple[int, float]]:
 
 
 def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
-    """Per setting: the strategies (top) and HypeMeFed's ablations with depthwise as reference
-    (bottom), mean over the seeds each has; exit 3 on the global test set and mean local test."""
+    """Per setting: the strategies (top) and HypeMeFed's ablations and static-BN variants with
+    depthwise as reference (bottom), mean over the seeds each has; exit 3 on the global test
+    set and mean local test."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,8 +358,10 @@ def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
                 groups.setdefault(key.split("/")[1], []).append(run)
         if not groups:
             continue
-        rows = [sorted(g for g in groups if not g.startswith("hypemefed-")),
-                sorted(g for g in groups if g.startswith("hypemefed") or g == "depthwise")]
+        rows = [sorted(g for g in groups
+                       if not g.startswith("hypemefed-") and not g.endswith("-sbn")),
+                sorted(g for g in groups
+                       if g.startswith("hypemefed") or g in ("depthwise", "depthwise-sbn"))]
         rows = [r for r in rows if r]
         fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.8 * len(rows)), squeeze=False)
         colors = plt.get_cmap("tab10").colors

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from cloud.config import GENERATE, PRESETS
+from cloud.federation import TIER_BY
 from cloud.options import hypernet_gate, hypernet_reset, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import NUM_BLOCKS, SPECS, build_model, macs_per_sample, param_count
@@ -69,6 +70,8 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @setting("clients", "Clients in the federation.", type=int)
 @setting("participants", "Participants per round.", type=int)
 @setting("tier-mix", "Fractions of tiers 1,2,3, e.g. 0.3,0.4,0.3.")
+@setting("tier-by", "How clients get tiers: at random, or by their most frequent label "
+         "(lowest labels in tier 1).", type=click.Choice(list(TIER_BY)))
 @setting("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
 @setting("alpha", "Dirichlet concentration.", type=float)
 @setting("local-epochs", "Local epochs per round.", type=int)

@@ -35,6 +35,7 @@ class RunConfig:
     clients: int = 30
     participants: int = 6
     tier_mix: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    tier_by: str = "random"  # or "label": tiers follow the clients' dominant label (federation.py)
     partition: str = "subject"
     alpha: float = 0.5
     min_size: int = 10

@@ -24,6 +24,18 @@ def counts_from_fractions(total: int, fractions: tuple[float, ...]) -> list[int]
     return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+# How clients get their tiers: a seeded random permutation, or ordered by the most frequent label
+# of their local train data (lowest labels in tier 1), so that weak devices hold classes that
+# the deep tier rarely sees: the "information disparity" HypeMeFed is motivated by
+TIER_BY = ("random", "label")
+
+
+def by_dominant_label(order: np.ndarray, labels: list[np.ndarray]) -> np.ndarray:
+    """``order`` re-sorted by each client's most frequent label (stable: ties keep ``order``)."""
+    dominant = np.array([np.bincount(y).argmax() if len(y) else -1 for y in labels])
+    return order[np.argsort(dominant[order], kind="stable")]
+
+
 @dataclass
 class Federation:
     train: list[np.ndarray]  # per client, indices into the dataset
@@ -34,11 +46,15 @@ class Federation:
     @classmethod
     def build(cls, data: Dataset, clients: int, participants: int,
               tier_mix: tuple[float, float, float], scheme: str, alpha: float, seed: int,
-              min_size: int = 10) -> Federation:
+              min_size: int = 10, tier_by: str = "random") -> Federation:
         shares = partition(data.y, clients, scheme, alpha=alpha, groups=data.groups, seed=seed,
                            min_size=min_size)
         splits = [split_local(s, seed_of(seed, 1, i)) for i, s in enumerate(shares)]
         order = np.random.default_rng(seed_of(seed, 2)).permutation(clients)
+        if tier_by == "label":
+            order = by_dominant_label(order, [data.y[a] for a, _ in splits])
+        elif tier_by != "random":
+            raise ValueError(f"tier_by must be one of {', '.join(TIER_BY)}, got {tier_by!r}")
         tiers = np.empty(clients, dtype=int)
         start = 0
         for tier, n in enumerate(counts_from_fractions(clients, tier_mix), start=1):

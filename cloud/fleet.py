@@ -113,7 +113,7 @@ def write_partition(cfg: RunConfig, out: str | Path, prefix: str = "dev") -> Fle
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.model, cfg.data_dir)
     fed = Federation.build(data, cfg.clients, cfg.participants, cfg.tier_mix, cfg.partition,
-                           cfg.alpha, cfg.seed, cfg.min_size)
+                           cfg.alpha, cfg.seed, cfg.min_size, cfg.tier_by)
     width = max(2, len(str(cfg.clients - 1)))
     devices = []
     for i, (train, test) in enumerate(zip(fed.train, fed.test, strict=True)):

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from cloud.config import GENERATE, PRESETS
+from cloud.federation import TIER_BY
 from cloud.options import hypernet_gate, hypernet_reset, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import SPECS
@@ -189,6 +190,8 @@ def broker_config(out: str, devices: tuple[str, ...], port: int | None, bind: st
 @setting("clients", "Clients (devices).", type=int)
 @setting("participants", "Participants per round (checked against the tiers).", type=int)
 @setting("tier-mix", "Fractions of tiers 1,2,3.")
+@setting("tier-by", "How clients get tiers: at random, or by their most frequent label "
+         "(lowest labels in tier 1).", type=click.Choice(list(TIER_BY)))
 @setting("partition", "Data partition.", type=click.Choice(["iid", "dirichlet", "subject"]))
 @setting("alpha", "Dirichlet concentration.", type=float)
 @setting("seed", "Seed.", type=int)

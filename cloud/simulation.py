@@ -50,7 +50,7 @@ class Simulation:
         if data.test_x is not None:
             self.test = (torch.from_numpy(data.test_x), torch.from_numpy(data.test_y))
         self.fed = Federation.build(data, cfg.clients, cfg.participants, cfg.tier_mix,
-                                    cfg.partition, cfg.alpha, cfg.seed, cfg.min_size)
+                                    cfg.partition, cfg.alpha, cfg.seed, cfg.min_size, cfg.tier_by)
         self.strategy = strategy_for(cfg)
         self.train_cfg = self.strategy.train_config(
             TrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr))
@@ -122,7 +122,9 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Resuming with other settings would silently mix two experiments: refuse, except for
     settings that do not change what a round computes."""
     free = {"rounds", "device", "eval_every", "data_dir"}
-    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in free and saved.get(k) != v}
+    defaults = RunConfig().to_json()  # settings added since the checkpoint was written
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
+            if k not in free and saved.get(k, defaults[k]) != v}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"--resume with settings that differ from the checkpoint ({lines}); "

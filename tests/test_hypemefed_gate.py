@@ -3,6 +3,7 @@ predicts trained weights better than both trivial predictors do: the other train
 the global model's tensor."""
 
 
+import torch
 from test_strategies import MODEL, fresh_state, update
 
 from cloud.strategies import build_strategy
@@ -18,8 +19,12 @@ def round_updates(strategy, g, seed):
 def test_gate_is_shut_before_any_training_and_checks_new_pairs_after():
     s = build_strategy("hypemefed", MODEL, gate=True, seed=0)
     g = fresh_state(0)
-    _, m1 = s.aggregate(g, round_updates(s, g, 10), 1)
+    ups1 = round_updates(s, g, 10)
+    new1, m1 = s.aggregate(g, ups1, 1)
     assert m1["generated_tensors"] == 0  # never trained: nothing to trust yet
+    # with the gate shut HypeMeFed is depth-wise FL, tensor for tensor
+    reference, _ = build_strategy("depthwise", MODEL).aggregate(g, ups1, 1)
+    assert all(torch.equal(new1[k], reference[k]) for k in reference)
     assert all(not v["open"] for v in m1["hypernet_gate"].values())
     ups = round_updates(s, g, 50)
     _, m2 = s.aggregate(g, ups, 2)

@@ -74,3 +74,23 @@ def test_split_local():
     assert [len(a) for a in split_local(np.array([5, 9]), 0)] == [1, 1]
     assert [len(a) for a in split_local(np.array([5, 9, 11]), 0, train_fraction=0.1)] == [1, 2]
     assert [len(a) for a in split_local(np.array([5]), 0)] == [1, 0]
+
+
+def test_tiers_by_label_put_the_lowest_dominant_labels_in_tier_1():
+    from cloud.federation import Federation
+    from common.data import Dataset
+
+    data = Dataset("t", np.zeros((len(LABELS), 1), np.float32), LABELS, None, None, None, ())
+    args = (data, 30, 6, (1 / 3, 1 / 3, 1 / 3), "dirichlet", 0.1, 3)
+    fed = Federation.build(*args, tier_by="label")
+    dominant = [np.bincount(LABELS[t]).argmax() for t in fed.train]
+    # independent reference: clients sorted by dominant label, cut in thirds
+    ranked = sorted(dominant)
+    for client, tier in enumerate(fed.tiers):
+        assert ranked[10 * (tier - 1)] <= dominant[client] <= ranked[10 * tier - 1]
+    assert sorted(fed.tiers) == [1] * 10 + [2] * 10 + [3] * 10
+    random = Federation.build(*args)  # same shares, only the tiers differ
+    assert all(np.array_equal(a, b) for a, b in zip(fed.train, random.train, strict=True))
+    assert fed.tiers != random.tiers
+    with pytest.raises(ValueError, match="tier_by"):
+        Federation.build(*args, tier_by="size")

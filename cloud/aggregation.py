@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
+from common.calibration import recompute_bn_statistics
 from common.models import State, build_model
 
 
@@ -72,16 +73,9 @@ def average_states(global_state: State, contributions: list[tuple[State, float]]
     return acc.result()
 
 
-@torch.no_grad()
 def static_bn_statistics(model_name: str, state: State, batches: Iterable[torch.Tensor]) -> State:
     """``state`` with BatchNorm running statistics replaced by their average over ``batches``."""
     model = build_model(model_name)
     model.load_state_dict(state)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches, not an exponential one
-    model.train()
-    for batch in batches:
-        model(batch)
+    recompute_bn_statistics(model, batches)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -22,8 +22,9 @@ def setting(name: str, help_text: str, **kw: Any):
 
 static_bn = click.option(
     "--static-bn/--no-static-bn", default=None,
-    help="Recompute BatchNorm statistics on the server from participants' data each round "
-    "(HeteroFL's static BN). [default: on for heterofl only]")
+    help="Recompute BatchNorm statistics of each round's global model from participants' data "
+    "(HeteroFL's static BN; in a fleet, devices compute them on their own data and upload only "
+    "statistics). [default: on for heterofl and scalefl]")
 
 
 hypernet_reset = click.option(

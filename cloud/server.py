@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloud.calibration import BnStatsSum
 from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from cloud.config import RunConfig
 from cloud.federation import seed_of
@@ -44,12 +45,16 @@ from cloud.simulation import _check_same_run, initial_state, strategy_for
 from cloud.strategies import ClientTask, ClientUpdate, Strategy
 from cloud.streaming import StreamingAggregate
 from common import protocol as p
+from common.calibration import bn_statistics_of
 from common.models import NUM_BLOCKS, State, build_model
 from common.mqtt_link import BrokerSettings, Link
 from common.training import TrainConfig, accuracy_per_exit
 
 RUN_FILE = "fleet_run.json"
 HEADER_SLACK = 64 * 1024  # tensor-file header allowance on top of the raw tensor bytes
+LIVE = ("open", "calibrating")  # round states in which devices fetch and upload
+CALIBRATION = "calibrate"  # the blob key of the full model sent for static BatchNorm
+BlobKey = tuple[int, float] | str  # (depth, width) of a task's submodel, or CALIBRATION
 
 
 @dataclass
@@ -86,12 +91,15 @@ class ModelRelease:
 
 @dataclass
 class Task:
+    """What one device is asked for in a round: a trained update, or (static BN) statistics."""
+
     device: str
     task: ClientTask
     seed: int
-    key: tuple[int, float]  # (depth, width): tasks with equal keys share a weights blob
-    spec: p.TensorSpec
+    key: BlobKey  # tasks with equal keys share a weights blob
+    spec: p.TensorSpec  # of the blob the device uploads
     max_update: int
+    dtype: str  # wire dtype of the uploaded blob's floating tensors
     message: bytes = b""
 
 
@@ -108,8 +116,8 @@ class Round:
     number: int
     deadline: float  # wall clock (unix), as sent to devices
     tasks: dict[str, Task]
-    blobs: dict[tuple[int, float], tuple[bytes, p.BlobRef]]
-    aggregate: StreamingAggregate
+    blobs: dict[BlobKey, tuple[bytes, p.BlobRef]]
+    aggregate: StreamingAggregate | BnStatsSum  # the latter in a round's calibration phase
     state: str = "open"
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
@@ -129,11 +137,6 @@ class FleetCloud:
         self.cfg, self.fleet, self.out, self.opts, self.log = cfg, fleet, Path(out_dir), opts, log
         self.fed = fleet.federation(cfg.participants, cfg.tier_mix)
         self.strategy: Strategy = strategy_for(cfg)  # seeded: same hypernetworks as hmf simulate
-        if self.strategy.static_bn:
-            raise ValueError(
-                "static BatchNorm (heterofl's default, or --static-bn) recomputes statistics from "
-                "participants' data on the server, which a real fleet never uploads: pass "
-                "--no-static-bn to run it over MQTT (heterofl loses accuracy: docs/RESULTS.md)")
         self.eval = _load_eval(opts.eval_data) if opts.eval_data else None
         self.link = Link(client_id, broker,
                          [p.device_topic("+", name) for name in p.DEVICE_UP],
@@ -145,7 +148,7 @@ class FleetCloud:
         self.run_id = ""
         self.rounds_total = cfg.rounds
         self.finished = False
-        self.sending: deque[tuple[str, tuple[int, float], int, int]] = deque()
+        self.sending: deque[tuple[str, BlobKey, int, int]] = deque()
         self.inflight: set[int] = set()
         self.logged: Counter[str] = Counter()
         self.release: ModelRelease | None = None  # the graphs being served
@@ -223,20 +226,21 @@ class FleetCloud:
         rnd = self.round
         assert rnd is not None
         need = min(self.opts.min_updates, len(rnd.tasks))
-        while len(rnd.accepted) < len(rnd.tasks):
-            left = rnd.deadline - time.time()
-            if left <= 0:
-                if len(rnd.accepted) >= need:
-                    break
-                rnd.deadline = time.time() + self.opts.round_timeout
-                rnd.extended += 1
-                self.log(f"round {r}: {len(rnd.accepted)} of at least {need} updates at the "
-                         f"deadline: waiting another {self.opts.round_timeout:g}s")
-                self._publish_round_message()
-                continue
+        self._collect(rnd)
+        while len(rnd.accepted) < need:
+            rnd.deadline = time.time() + self.opts.round_timeout
+            rnd.extended += 1
+            self.log(f"round {r}: {len(rnd.accepted)} of at least {need} updates at the "
+                     f"deadline: waiting another {self.opts.round_timeout:g}s")
+            self._publish_round_message()
+            self._collect(rnd)
+        return self._close_round(state, start)
+
+    def _collect(self, rnd: Round) -> None:
+        """Handle events until every task of ``rnd`` is answered or its deadline has passed."""
+        while len(rnd.accepted) < len(rnd.tasks) and (left := rnd.deadline - time.time()) > 0:
             self._pump(min(left, 0.5))
             self._expire_uploads()
-        return self._close_round(state, start)
 
     def _open_round(self, state: State, r: int) -> None:
         online = None
@@ -255,7 +259,8 @@ class FleetCloud:
                 rnd.blobs[key], specs[key] = (blob, p.blob_ref(blob)), p.spec_of(sent)
             device = self.fleet.devices[t.client].id
             rnd.tasks[device] = Task(device, t, seed_of(self.cfg.seed, 5, r, t.client), key,
-                                     specs[key], _max_update(specs[key], self.opts.transfer_dtype))
+                                     specs[key], _max_update(specs[key], self.opts.transfer_dtype),
+                                     self.opts.transfer_dtype)
         self.round = rnd
         self.logged.clear()
         self._publish_round_message()
@@ -284,13 +289,15 @@ class FleetCloud:
 
     def _close_round(self, state: State, start: float) -> tuple[State, dict[str, Any]]:
         rnd = self.round
-        assert rnd is not None
+        assert rnd is not None and isinstance(rnd.aggregate, StreamingAggregate)
         rnd.state = "closed"
         self._publish_round_message()
         self.sending.clear()
         server_start = time.perf_counter()
         new_state, metrics = rnd.aggregate.finish(rnd.number)
         server_s = time.perf_counter() - server_start
+        if self.strategy.static_bn:
+            new_state, metrics["calibration"] = self._calibrate(rnd, new_state)
         updates = list(rnd.accepted.values())
         tier_of = {d: t.task.tier for d, t in rnd.tasks.items()}
         losses = [u["loss"] for u in updates if u["loss"] is not None]
@@ -323,7 +330,56 @@ class FleetCloud:
                          "rejections not shown")
         return new_state, row
 
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ static BatchNorm
+    def _calibrate(self, trained: Round, state: State) -> tuple[State, dict[str, Any]]:
+        """HeteroFL's static BN, the deployable way: every device whose update was accepted
+        computes the BatchNorm statistics of the new global model ``state`` on its own train
+        data (``calibrate`` message, full model through the weights path) and uploads only
+        them (offer/slot/chunk path); ``BnStatsSum`` combines them. Devices that do not answer
+        by the deadline (``round_timeout``) are left out. The phase's traffic and rejections
+        count in ``trained``'s metrics."""
+        start = time.perf_counter()
+        rnd = self._open_calibration(trained, state)
+        self._collect(rnd)
+        late = sorted(set(rnd.tasks) - set(rnd.accepted))
+        if late:
+            self.log(f"round {rnd.number}: no statistics from {', '.join(late[:20])} by the "
+                     "deadline: left out of the BatchNorm statistics")
+        if not rnd.accepted:
+            self.log(f"round {rnd.number}: no device sent statistics: the aggregate's "
+                     "BatchNorm statistics stay")
+        self.round = trained
+        self._publish_round_message()  # "closed": nothing more is taken for this round
+        self.sending.clear()
+        trained.bytes_down += rnd.bytes_down
+        trained.bytes_up += rnd.bytes_up
+        trained.rejected.update(rnd.rejected)
+        return rnd.aggregate.result(), {"asked": len(rnd.tasks), "answered": len(rnd.accepted),
+                                        "s": time.perf_counter() - start}
+
+    def _open_calibration(self, trained: Round, state: State) -> Round:
+        """The calibration phase of round ``trained`` as a round of its own (same number, state
+        ``calibrating``), so fetching and uploading run through the round machinery."""
+        blob = p.encode_state(state, self.opts.transfer_dtype)
+        spec = p.spec_of(bn_statistics_of(state))
+        deadline = time.time() + self.opts.round_timeout
+        rnd = Round(trained.number, deadline, {}, {CALIBRATION: (blob, p.blob_ref(blob))},
+                    BnStatsSum(state), state="calibrating")
+        for device in sorted(trained.accepted):
+            rnd.tasks[device] = Task(device, trained.tasks[device].task, 0, CALIBRATION, spec,
+                                     _max_update(spec, "float32"), "float32")
+        self.round = rnd
+        self._publish_round_message()
+        for task in rnd.tasks.values():
+            task.message = p.make_control(
+                "calibrate", run=self.run_id, round=rnd.number, device=task.device,
+                model=self.cfg.model, weights=rnd.blobs[CALIBRATION][1],
+                dtype=self.opts.transfer_dtype, deadline=deadline)
+            self.link.publish(p.device_topic(task.device, "task"), task.message, retain=True)
+        self.log(f"round {rnd.number}: {len(rnd.tasks)} devices recompute BatchNorm "
+                 f"statistics, deadline in {self.opts.round_timeout:g}s")
+        return rnd
+
     # ------------------------------------------------------------------ serving the model
     def _export_round(self, r: int, state: State) -> dict[str, Any]:
         """Export round ``r``'s global model and serve it; on failure keep serving the last
@@ -482,7 +538,7 @@ class FleetCloud:
         self._publish_model()
         if self.round is not None:
             self._publish_round_message()
-            if self.round.state == "open":
+            if self.round.state in LIVE:
                 for task in self.round.tasks.values():
                     self.link.publish(p.device_topic(task.device, "task"), task.message,
                                       retain=True)
@@ -551,9 +607,9 @@ class FleetCloud:
         rnd = self.round
         if msg["run"] != self.run_id or rnd is None:
             raise p.ProtocolError("unknown run", msg["run"])
-        if msg["round"] != rnd.number or rnd.state != "open":
+        if msg["round"] != rnd.number or rnd.state not in LIVE:
             raise p.ProtocolError("stale round", f"round {msg['round']}, open: "
-                                                 f"{rnd.number if rnd.state == 'open' else None}")
+                                                 f"{rnd.number if rnd.state in LIVE else None}")
         task = rnd.tasks.get(device)
         if task is None:
             raise p.ProtocolError("no task", f"{device} has no task in round {rnd.number}")
@@ -583,7 +639,7 @@ class FleetCloud:
             if not self.link.connected.is_set() or rnd is None:
                 return
             device, key, index, number = self.sending.popleft()
-            if number != rnd.number or rnd.state != "open":
+            if number != rnd.number or rnd.state not in LIVE:
                 continue
             rnd.bytes_down += self._publish_chunk(device, "weights", *rnd.blobs[key], index,
                                                   number)
@@ -655,7 +711,7 @@ class FleetCloud:
         rnd = self.round
         if chunk.run != self.run_id or rnd is None:
             raise p.ProtocolError("unknown run", chunk.run)
-        if chunk.round != rnd.number or rnd.state != "open":
+        if chunk.round != rnd.number or rnd.state not in LIVE:
             raise p.ProtocolError("stale round", f"chunk of round {chunk.round}")
         up = rnd.uploads.get(device)
         if device in rnd.accepted:
@@ -675,19 +731,24 @@ class FleetCloud:
         del rnd.uploads[device]
         try:
             blob = up.reassembly.blob()
-            state, meta = p.decode_state(blob, task.spec, self.opts.transfer_dtype)
+            state, meta = p.decode_state(blob, task.spec, task.dtype)
             if (meta.get("run"), meta.get("round"), meta.get("device")) != (
                     self.run_id, rnd.number, device):
                 raise p.ProtocolError("stale round", f"update says {meta.get('run')}/"
                                                      f"{meta.get('round')}/{meta.get('device')}")
+            if isinstance(rnd.aggregate, BnStatsSum):
+                p.check_bn_statistics(state)
         except p.ProtocolError as e:
             self._reply(device, up.ref.sha256, "rejected", f"{e.reason}: {e.detail}")
             self._grant_slots()
             raise
         offer = up.offer
-        rnd.aggregate.add(ClientUpdate(task.task, offer["samples"], state,
-                                       offer["loss"] if offer["loss"] is not None
-                                       else float("nan")))
+        if isinstance(rnd.aggregate, BnStatsSum):
+            rnd.aggregate.add(state)
+        else:
+            rnd.aggregate.add(ClientUpdate(task.task, offer["samples"], state,
+                                           offer["loss"] if offer["loss"] is not None
+                                           else float("nan")))
         rnd.accepted[device] = {"sha256": up.ref.sha256, "loss": offer["loss"],
                                 "local_acc": offer["local_acc"], "samples": offer["samples"]}
         rnd.bytes_up += len(blob)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from cloud.evaluation import evaluate
 from cloud.federation import Federation, seed_of
 from cloud.runlog import RunLog
 from cloud.strategies import ClientTask, ClientUpdate, Strategy, build_strategy
+from common.calibration import batches
 from common.data import load_dataset
 from common.models import State, build_model
 from common.training import TrainConfig, train_task
@@ -66,11 +67,11 @@ class Simulation:
                                    seed_of(self.cfg.seed, 5, server_round, task.client))
         return ClientUpdate(task, len(idx), trained, loss)
 
-    def participant_batches(self, tasks: list[ClientTask], size: int = 256):
+    def participant_batches(self, tasks: list[ClientTask]) -> Iterator[torch.Tensor]:
+        """Each participant's train data in order, in consecutive batches: what a fleet's device
+        runs through the model for static BN (``common.calibration.local_bn_statistics``)."""
         for task in tasks:
-            idx = self.fed.train[task.client]
-            for start in range(0, len(idx), size):
-                yield self.x[torch.from_numpy(idx[start : start + size])]
+            yield from batches(self.x[torch.from_numpy(self.fed.train[task.client])])
 
     def round(self, global_state: State, server_round: int) -> tuple[State, dict[str, Any]]:
         start = time.perf_counter()

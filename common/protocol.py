@@ -251,6 +251,8 @@ def _train(field: str, v: Any) -> dict[str, Any]:
 
 
 _DEVICE = _text(DEVICE_ID, 64)
+# "calibrating": a round's updates are aggregated and its devices compute BatchNorm statistics
+ROUND_STATES = ("open", "calibrating", "closed", "finished")
 _RUN = _text(RUN_ID, 64)
 _ROUND = _int(0, 10_000_000)
 _TIER = _int(1, 3)
@@ -264,13 +266,17 @@ MESSAGES: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "bye": {"device": _DEVICE, "reason": _text(limit=200)},
     # cloud -> everyone
     "round": {"run": _RUN, "round": _ROUND, "rounds": _int(1, 10_000_000),
-              "state": _choice("open", "closed", "finished"), "deadline": _TIME},
+              "state": _choice(*ROUND_STATES), "deadline": _TIME},
     "status": {"state": _choice("online", "offline")},
     # cloud -> one device, retained
     "task": {"run": _RUN, "round": _ROUND, "device": _DEVICE, "model": _text(limit=64),
              "depth": _TIER, "width": _number(1e-6, 1.0), "seed": _int(0, 2**63 - 1),
              "train": _train, "weights": _blobref, "dtype": _choice(*WIRE_DTYPES),
              "deadline": _TIME},
+    # cloud -> one device, retained on its task topic after its update was accepted (static
+    # BatchNorm): recompute the BN statistics of the full model ``weights`` on local train data
+    "calibrate": {"run": _RUN, "round": _ROUND, "device": _DEVICE, "model": _text(limit=64),
+                  "weights": _blobref, "dtype": _choice(*WIRE_DTYPES), "deadline": _TIME},
     # device -> cloud requests
     "fetch": {"run": _RUN, "round": _ROUND, "device": _DEVICE, "sha256": _text(SHA256, 64),
               "missing": _optional(_ints(100_000, MAX_BLOB_BYTES))},
@@ -497,3 +503,22 @@ def decode_state(blob: bytes, expected: TensorSpec, dtype: str = "float32"
             raise ProtocolError("non-finite values", name)
         out[name] = t.to(want)
     return out, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics (static BN): what a device uploads instead of data
+
+MAX_BN_BATCHES = 10**9
+
+
+def check_bn_statistics(stats: dict[str, torch.Tensor]) -> None:
+    """Refuse statistics no device can have computed (``decode_state`` has already checked
+    names, shapes, dtypes and finiteness): a layer's ``num_batches_tracked`` must be positive
+    and the same for every layer (each batch passes every layer of the full model), variances
+    must be non-negative."""
+    counts = {int(v) for k, v in stats.items() if k.endswith(".num_batches_tracked")}
+    if len(counts) != 1 or not 1 <= next(iter(counts)) <= MAX_BN_BATCHES:
+        raise ProtocolError("bad statistics", f"batch counts {sorted(counts)[:5]}")
+    for name, t in stats.items():
+        if name.endswith(".running_var") and bool((t < 0).any()):
+            raise ProtocolError("bad statistics", f"{name}: negative variance")

@@ -9,6 +9,11 @@ request is repeated after ``retry_s`` without an answer, and at once after a rec
 cloud ignores repeats. A trained update is kept in the work directory until accepted, so a
 restarted device, or a restarted cloud that re-runs the round, does not train twice.
 
+With static BatchNorm the cloud follows an accepted update with a ``calibrate`` job on the same
+task topic, while the round is ``calibrating``: the device fetches the new global model the same
+way, recomputes its BatchNorm statistics on its own train data
+(``common.calibration.local_bn_statistics``) and offers and uploads only those statistics.
+
 With a ``ModelFetcher`` (device/serving.py) the agent also follows the cloud's retained
 ``model`` message and hands it the graph chunks; the fetcher decides what to request.
 
@@ -30,6 +35,7 @@ import torch
 
 from common import protocol as p
 from common import tensorfile
+from common.calibration import local_bn_statistics
 from common.models import SPECS, build_model
 from common.mqtt_link import BrokerSettings, Link
 from common.training import TrainConfig, accuracy_per_exit, train_task
@@ -76,7 +82,8 @@ class DeviceAgent:
         self.task: dict[str, Any] | None = None
         self.download: p.Reassembly | None = None
         self.result: dict[str, Any] | None = self._load_result()
-        self.done: set[tuple[str, int]] = set()
+        self.stats: dict[str, Any] | None = None  # the last BatchNorm statistics computed
+        self.done: set[tuple[Any, ...]] = set()  # _done_key of jobs answered
         self.runs_seen: set[str] = set()  # runs seen open: only their end makes us leave
         self.phase = "idle"  # idle | fetching | offering | sending
         self.last_sent = 0.0
@@ -143,7 +150,7 @@ class DeviceAgent:
                 self._on_round(p.parse_control(payload, "round"))
         elif topic == self.topic("task"):
             if payload:
-                self._on_task(p.parse_control(payload, "task"))
+                self._on_task(p.parse_control(payload, "task", "calibrate"))
         elif topic == self.topic("weights"):
             self._on_weights(p.parse_chunk(payload))
         elif topic == self.topic("reply"):
@@ -191,16 +198,18 @@ class DeviceAgent:
     def _on_task(self, msg: dict[str, Any]) -> None:
         if msg["device"] != self.id:
             raise p.ProtocolError("device mismatch", msg["device"])
-        if self.task and _key(self.task) == _key(msg):
+        if self.task and (self.task["type"], _key(self.task)) == (msg["type"], _key(msg)):
             return
         self.task = msg
+        self.phase, self.download = "idle", None  # whatever was under way was for another job
         self._advance()
 
     def _active(self) -> dict[str, Any] | None:
-        """The task to work on now: one for the open round of the current run."""
+        """The job to work on now: a task while its round is open, a calibration while its
+        round is calibrating, of the current run, not yet answered."""
         r, t = self.round, self.task
-        if not r or not t or r["state"] != "open" or (t["run"], t["round"]) != (
-                r["run"], r["round"]) or (t["run"], t["round"]) in self.done:
+        if not r or not t or r["state"] != JOB_PHASE[t["type"]] or (t["run"], t["round"]) != (
+                r["run"], r["round"]) or _done_key(t) in self.done:
             return None
         return t
 
@@ -211,18 +220,21 @@ class DeviceAgent:
             return
         if self.phase != "idle":
             return
-        if self.result and self.result["key"] == list(_key(task)):
-            self.log(f"{self.id}: round {task['round']}: update already trained, offering it")
+        if self._pending(task):
+            self.log(f"{self.id}: round {task['round']}: {_what(task)} already computed, "
+                     "offering it")
             self._offer()
             return
-        if self.tier is not None and task["depth"] > self.tier:
+        if task["type"] == "task" and self.tier is not None and task["depth"] > self.tier:
             self.log(f"{self.id}: round {task['round']}: refusing a depth-{task['depth']} task "
                      f"(this device declared tier {self.tier})")
-            self.done.add((task["run"], task["round"]))
+            self.done.add(_done_key(task))
             return
         ref = task["weights"]
         self.download = p.Reassembly(ref)
-        self.log(f"{self.id}: round {task['round']}: task depth {task['depth']}; downloading "
+        what = (f"task depth {task['depth']}" if task["type"] == "task"
+                else "BatchNorm calibration of the full model")
+        self.log(f"{self.id}: round {task['round']}: {what}; downloading "
                  f"{ref.size / 1e6:.1f} MB of weights in {ref.chunks} chunk(s)")
         self.phase = "fetching"
         self._fetch()
@@ -270,25 +282,33 @@ class DeviceAgent:
         try:
             blob = d.blob()
             self.download = None
-            self._train(task, blob)
+            (self._train if task["type"] == "task" else self._calibrate)(task, blob)
         except p.ProtocolError:
             self.download = p.Reassembly(d.ref)  # start over: the retry timer asks again
             self.phase = "fetching"
             raise
 
-    def _train(self, task: dict[str, Any], blob: bytes) -> None:
-        model_name = task["model"]
-        if model_name not in SPECS:
-            raise p.ProtocolError("bad field", f"unknown model {model_name}")
-        model = build_model(model_name, depth=task["depth"], width_fraction=task["width"])
+    def _received_state(self, task: dict[str, Any], blob: bytes, model: torch.nn.Module
+                        ) -> dict[str, torch.Tensor] | None:
+        """The job's weights decoded for ``model``; None (job skipped) if the local data does
+        not fit the model."""
         state, _ = p.decode_state(blob, p.spec_of(model.state_dict()), task["dtype"])
-        x, y = torch.from_numpy(self.data["x"]), torch.from_numpy(self.data["y"])
-        if tuple(x.shape[1:]) != SPECS[model_name].input_shape:
-            self.log(f"{self.id}: data shape {tuple(x.shape[1:])} does not fit {model_name} "
-                     f"{SPECS[model_name].input_shape}: skipping round {task['round']}")
+        shape, want = tuple(self.data["x"].shape[1:]), SPECS[task["model"]].input_shape
+        if shape != want:
+            self.log(f"{self.id}: data shape {shape} does not fit {task['model']} {want}: "
+                     f"skipping round {task['round']}")
             self.phase = "idle"
-            self.done.add((task["run"], task["round"]))
+            self.done.add(_done_key(task))
+            return None
+        return state
+
+    def _train(self, task: dict[str, Any], blob: bytes) -> None:
+        model = build_model(_model_name(task), depth=task["depth"],
+                            width_fraction=task["width"])
+        state = self._received_state(task, blob, model)
+        if state is None:
             return
+        x, y = torch.from_numpy(self.data["x"]), torch.from_numpy(self.data["y"])
         local_acc = self._local_accuracy(model, state)
         cfg = TrainConfig.from_json(task["train"])
         self.log(f"{self.id}: round {task['round']}: training {cfg.epochs} epoch(s) on "
@@ -310,6 +330,28 @@ class DeviceAgent:
         self._save_result()
         self._offer()
 
+    def _calibrate(self, task: dict[str, Any], blob: bytes) -> None:
+        """BatchNorm statistics of the full global model on this device's train data, offered
+        like an update (kept in memory only: recomputing them is cheap)."""
+        model_name = _model_name(task)
+        state = self._received_state(task, blob, build_model(model_name))
+        if state is None:
+            return
+        start = time.perf_counter()
+        self.training = True  # a signal may interrupt it, like training
+        try:
+            stats = local_bn_statistics(model_name, state, torch.from_numpy(self.data["x"]))
+        finally:
+            self.training = False
+        meta = {"run": task["run"], "round": task["round"], "device": self.id}
+        blob = p.encode_state(stats, "float32", meta)  # a few KB: full precision
+        self.log(f"{self.id}: round {task['round']}: BatchNorm statistics of "
+                 f"{len(self.data['x'])} samples in {time.perf_counter() - start:.1f}s; "
+                 "offering them")
+        self.stats = {"key": list(_key(task)), "blob": blob, "samples": len(self.data["x"]),
+                      "loss": None, "local_acc": None}
+        self._offer()
+
     def _local_accuracy(self, model: torch.nn.Module, state: dict[str, torch.Tensor]
                         ) -> list[float] | None:
         """Accuracy of the received (global) model on this device's own test split."""
@@ -319,8 +361,14 @@ class DeviceAgent:
         return accuracy_per_exit(model, torch.from_numpy(self.data["test_x"]),
                                  torch.from_numpy(self.data["test_y"]))
 
+    def _pending(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """What this device has computed for ``job`` (its update or its statistics), if any."""
+        res = self.stats if job["type"] == "calibrate" else self.result
+        return res if res is not None and res["key"] == list(_key(job)) else None
+
     def _offer(self) -> None:
-        task, res = self._active(), self.result
+        task = self._active()
+        res = self._pending(task) if task else None
         if task is None or res is None:
             return
         self.phase = "offering"
@@ -330,7 +378,8 @@ class DeviceAgent:
             local_acc=res["local_acc"]))
 
     def _on_reply(self, msg: dict[str, Any]) -> None:
-        task, res = self._active(), self.result
+        task = self._active()
+        res = self._pending(task) if task else None
         if task is None or res is None or (msg["run"], msg["round"], msg["device"]) != (
                 task["run"], task["round"], self.id):
             return
@@ -349,9 +398,9 @@ class DeviceAgent:
         else:
             verdict = "accepted" if msg["status"] == "accepted" else \
                 f"rejected ({msg['reason']})"
-            self.log(f"{self.id}: round {task['round']}: update {verdict}; waiting for the "
-                     "next round")
-            self.done.add((task["run"], task["round"]))
+            self.log(f"{self.id}: round {task['round']}: {_what(task)} {verdict}; waiting for "
+                     "the next round")
+            self.done.add(_done_key(task))
             self.phase = "idle"
 
     # ------------------------------------------------------------------ work-dir cache
@@ -373,9 +422,29 @@ class DeviceAgent:
             return None
 
 
-def _key(task: dict[str, Any]) -> tuple[str, int, str, int]:
-    """What makes two tasks the same work: run, round, weights and seed."""
-    return (task["run"], task["round"], task["weights"].sha256, task["seed"])
+JOB_PHASE = {"task": "open", "calibrate": "calibrating"}  # job type -> its round's state
+
+
+def _key(task: dict[str, Any]) -> tuple[str, int, str, int | None]:
+    """What makes two jobs the same work: run, round, weights and seed (None: calibration)."""
+    return (task["run"], task["round"], task["weights"].sha256, task.get("seed"))
+
+
+def _done_key(job: dict[str, Any]) -> tuple[Any, ...]:
+    """A job's entry in ``DeviceAgent.done``: (run, round) for the round's task; a calibration
+    of the same round comes after its task, so it is told apart by its type."""
+    key = (job["run"], job["round"])
+    return key if job["type"] == "task" else (*key, job["type"])
+
+
+def _what(job: dict[str, Any]) -> str:
+    return "update" if job["type"] == "task" else "BatchNorm statistics"
+
+
+def _model_name(job: dict[str, Any]) -> str:
+    if job["model"] not in SPECS:
+        raise p.ProtocolError("bad field", f"unknown model {job['model']}")
+    return job["model"]
 
 
 __all__ = ["DeviceAgent", "Stop", "load_device_data"]

@@ -2,25 +2,29 @@
 
 Settings: CIFAR-10 with the svhn-sized model (model ``cifar10``, standing in for SVHN) and the
 HAPT windows with the unimib-sized model (model ``hapt``, standing in for UniMiB SHAR), by
-subject and Dirichlet alpha 0.1 and 1.0 (CIFAR-10: Dirichlet only, it has no subjects). Seeds
-0-2 for hypemefed, depthwise and fedavg, seed 0 for the other strategies, and the HypeMeFed
-ablations (rank, naive vs LRF, warm vs reset hypernetworks, which tensors are generated) on
-one setting. Each run is an ordinary ``hmf simulate`` run directory (config.json,
-metrics.jsonl, checkpoint), so an interrupted benchmark resumes where it stopped.
+subject and Dirichlet alpha 0.1 and 1.0 (CIFAR-10: Dirichlet only, it has no subjects), and
+HAPT at alpha 0.1 with tiers following the clients' dominant label. Seeds 0-2 for hypemefed,
+depthwise and fedavg, with and without static BatchNorm; seed 0 for the other strategies; the
+HypeMeFed ablations (rank, naive vs LRF, warm vs reset hypernetworks, which tensors are
+generated, the gate) on HAPT by subject. Each run is an ordinary ``hmf simulate`` run
+directory (config.json, metrics.jsonl, checkpoint), so an interrupted benchmark resumes where
+it stopped; ``--only`` picks runs by name.
 
 Scales (``--scale``):
-  cpu   about two hours of background work on this 2-core machine (``--jobs 2``). Cut from
-        the authors' setting: rounds (15 instead of 300, evaluated every 3; 30 at alpha 0.1,
-        where 15 rounds leave every strategy's exit 3 at chance), local epochs
+  cpu   cut from the authors' setting: rounds (15 instead of 300, evaluated every 3; 30 at
+        alpha 0.1, where 15 rounds leave every strategy's exit 3 at chance), local epochs
         (1 instead of 5), CIFAR-10 data (the 10,000/2,000 class-balanced subset, 20 clients
-        of which 6 a round, batch 32 instead of 128).
+        of which 6 a round, batch 32 instead of 128). Still far more than two hours here:
+        145 runs of 4-12 min two at a time, about 9 hours on this 2-core machine; a 16-core
+        GPU machine runs 16 at a time (``bench/accuracy_gpu.sh``: 79 runs took 12.7 min on
+        an H200).
   full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
         10 a round, 300 rounds, 5 local epochs, batch 128, lr 5e-4) and HAPT as UniMiB
-        (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``.
+        (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``, hours a run.
 
-    .venv/bin/python bench/accuracy.py run --scale cpu --jobs 2        # ~2 h, resumable
+    .venv/bin/python bench/accuracy.py run --scale cpu --jobs 2 --only hapt-subject/
     .venv/bin/python bench/accuracy.py report --scale cpu              # JSON, table, plots
-    python3 bench/accuracy.py run --scale full --device cuda --jobs 12 --deadline-s 540
+    ONLY=cifar10- bash bench/accuracy_gpu.sh                          # on a GPU machine
 
 ``report`` writes bench/results/accuracy_<scale>.json, plots docs/img/accuracy_<scale>_*.png
 and rewrites the section of docs/RESULTS.md between its markers.

@@ -3,7 +3,7 @@
 Settings: CIFAR-10 with the svhn-sized model (model ``cifar10``, standing in for SVHN) and the
 HAPT windows with the unimib-sized model (model ``hapt``, standing in for UniMiB SHAR), by
 subject and Dirichlet alpha 0.1 and 1.0 (CIFAR-10: Dirichlet only, it has no subjects), and
-HAPT at alpha 0.1 with tiers following the clients' dominant label. Seeds 0-2 for hypemefed,
+both at alpha 0.1 with tiers following the clients' dominant label. Seeds 0-2 for hypemefed,
 depthwise and fedavg, with and without static BatchNorm; seed 0 for the other strategies; the
 HypeMeFed ablations (rank, naive vs LRF, warm vs reset hypernetworks, which tensors are
 generated, the gate) on HAPT by subject. Each run is an ordinary ``hmf simulate`` run
@@ -15,7 +15,7 @@ Scales (``--scale``):
         alpha 0.1, where 15 rounds leave every strategy's exit 3 at chance), local epochs
         (1 instead of 5), CIFAR-10 data (the 10,000/2,000 class-balanced subset, 20 clients
         of which 6 a round, batch 32 instead of 128). Still far more than two hours here:
-        145 runs of 4-12 min two at a time, about 9 hours on this 2-core machine; a 16-core
+        170 runs of 4-12 min two at a time, about 11 hours on this 2-core machine; a 16-core
         GPU machine runs 16 at a time (``bench/accuracy_gpu.sh``: 79 runs took 12.7 min on
         an H200).
   full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
@@ -63,9 +63,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "hapt-dir1.0": dict(model="hapt", partition="dirichlet", alpha=1.0),
     # HypeMeFed's motivating case: tiers follow the clients' dominant label, so the deep tier
     # rarely sees the classes the weak devices hold (cloud/federation.py, TIER_BY)
+    "cifar10-dir0.1-tiered": dict(model="cifar10", partition="dirichlet", alpha=0.1,
+                                  tier_by="label"),
     "hapt-dir0.1-tiered": dict(model="hapt", partition="dirichlet", alpha=0.1, tier_by="label"),
 }
-TIERED_SETTING = "hapt-dir0.1-tiered"  # also runs hypemefed generating heads, every seed
+TIERED_SETTINGS = ("cifar10-dir0.1-tiered", "hapt-dir0.1-tiered")  # + hypemefed gen-all, seeds
 ABLATION_SETTING = "hapt-subject"  # the setting where 15 rounds train every exit
 ABLATIONS: dict[str, dict[str, Any]] = {
     "rank1": dict(rank=1), "rank8": dict(rank=8), "rank32": dict(rank=32),
@@ -123,7 +125,7 @@ def plan(only: str | None = None) -> list[Run]:
             strategies = MAIN + (OTHERS if seed == 0 else ())
             runs += [Run(setting, s, seed) for s in strategies]
             runs += [Run(setting, s, seed, "sbn", STATIC_BN) for s in MAIN]
-            if setting == TIERED_SETTING:  # only generated heads can carry tier 1's classes
+            if setting in TIERED_SETTINGS:  # only generated heads can carry tier 1's classes
                 runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))
             if seed == 0 and setting == ABLATION_SETTING:
                 runs += [Run(setting, "hypemefed", 0, k, v) for k, v in ABLATIONS.items()]

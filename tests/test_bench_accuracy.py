@@ -1,0 +1,52 @@
+"""bench/accuracy.py's plan and summaries: what the evidence tables are computed from."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "bench_accuracy", Path(__file__).resolve().parents[1] / "bench" / "accuracy.py")
+acc = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = acc  # its dataclasses look their module up
+spec.loader.exec_module(acc)
+
+
+def row(rnd, e3, local=0.5, e1=0.6):
+    return {"round": rnd, "server_s": 0.1 * rnd,
+            "acc": {"global": {"1": e1, "2": None, "3": e3}, "tier": {"1": e1, "2": 0.4, "3": e3},
+                    "local_mean": local}}
+
+
+def test_final_is_the_mean_of_the_last_three_evaluations_and_best_the_maximum():
+    rows = [row(3, 0.9), {"round": 4, "server_s": 0.4}, row(6, 0.1), row(9, 0.2), row(12, 0.6)]
+    s = acc.run_summary(rows, 12)
+    assert s["final_global"]["3"] == pytest.approx((0.1 + 0.2 + 0.6) / 3)
+    assert s["best_global"]["3"] == 0.9 and s["final_global"]["2"] is None
+    assert s["final_tier"]["2"] == pytest.approx(0.4)
+    assert s["server_s"] == pytest.approx(0.1 * (3 + 4 + 6 + 9 + 12) / 5)
+    assert s["rounds_done"] == 12 and [c[0] for c in s["curve"]] == [3, 6, 9, 12]
+    assert acc.rounds_to(s["curve"], 0.5) == 3
+
+
+def test_plan_covers_seeds_variants_and_the_cpu_rounds_at_alpha_01():
+    runs = acc.plan()
+    names = {r.name for r in runs}
+    assert len(names) == len(runs)  # no run planned twice
+    for setting in acc.SETTINGS:
+        for strategy in acc.MAIN:
+            assert {f"{setting}/{strategy}/s{s}" for s in acc.SEEDS} <= names
+            assert {f"{setting}/{strategy}-sbn/s{s}" for s in acc.SEEDS} <= names
+        for strategy in acc.OTHERS:
+            assert f"{setting}/{strategy}/s0" in names
+    assert {f"hapt-dir0.1-tiered/hypemefed-gen-all/s{s}" for s in acc.SEEDS} <= names
+    by_name = {r.name: r for r in runs}
+    cfg = acc.run_config(by_name["hapt-dir0.1/fedavg/s1"], "cpu", "cpu", None)
+    assert cfg["rounds"] == acc.CPU_ROUNDS_AT_ALPHA_01 and cfg["seed"] == 1
+    assert acc.run_config(by_name["hapt-subject/fedavg/s0"], "cpu", "cpu", None)["rounds"] == 15
+    full = acc.run_config(by_name["hapt-dir0.1/fedavg/s0"], "full", "cuda", None)
+    assert full["rounds"] == 300 and full["local_epochs"] == 5
+    tiered = acc.run_config(by_name["cifar10-dir0.1-tiered/hypemefed-gen-all/s2"], "cpu", "cpu",
+                            "DIR")
+    assert (tiered["tier_by"], tiered["generate"], tiered["data_dir"]) == ("label", "all", "DIR")

@@ -41,6 +41,9 @@ def test_plan_covers_seeds_variants_and_the_cpu_rounds_at_alpha_01():
         for strategy in acc.OTHERS:
             assert f"{setting}/{strategy}/s0" in names
     assert {f"hapt-dir0.1-tiered/hypemefed-gen-all/s{s}" for s in acc.SEEDS} <= names
+    assert {f"hapt-subject/hypemefed-gate-sbn/s{s}" for s in acc.SEEDS} <= names
+    rank8 = "hapt-subject/hypemefed-rank8/s"
+    assert rank8 + "0" in names and rank8 + "1" not in names
     by_name = {r.name: r for r in runs}
     cfg = acc.run_config(by_name["hapt-dir0.1/fedavg/s1"], "cpu", "cpu", None)
     assert cfg["rounds"] == acc.CPU_ROUNDS_AT_ALPHA_01 and cfg["seed"] == 1

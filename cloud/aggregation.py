@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
-from common.calibration import recompute_bn_statistics
-from common.models import State, build_model
+from common.calibration import bn_statistics
+from common.models import State
 
 
 def leading_slice(shape: torch.Size | tuple[int, ...]) -> tuple[slice, ...]:
@@ -75,7 +75,4 @@ def average_states(global_state: State, contributions: list[tuple[State, float]]
 
 def static_bn_statistics(model_name: str, state: State, batches: Iterable[torch.Tensor]) -> State:
     """``state`` with BatchNorm running statistics replaced by their average over ``batches``."""
-    model = build_model(model_name)
-    model.load_state_dict(state)
-    recompute_bn_statistics(model, batches)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {**state, **bn_statistics(model_name, state, batches)}

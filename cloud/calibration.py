@@ -1,5 +1,5 @@
 """Static BatchNorm in a real fleet: the cloud combines the statistics that devices computed on
-their own data (``common.calibration.local_bn_statistics``); no data leaves a device.
+their own data (``common.calibration.bn_statistics``); no data leaves a device.
 
 A device's running mean of a layer after k batches (momentum None) is the mean of its k batch
 means, so the mean over every participant's batches is the batch-weighted mean of the devices'
@@ -15,11 +15,7 @@ import torch
 from common.calibration import bn_statistics_of
 from common.models import State
 
-COUNT = "num_batches_tracked"
-
-
-def _layer(name: str) -> str:
-    return name.rsplit(".", 1)[0]
+COUNT = ".num_batches_tracked"
 
 
 class BnStatsSum:
@@ -30,18 +26,18 @@ class BnStatsSum:
         """``reference``: the aggregated global state whose statistics are being recomputed."""
         self.reference = reference
         self.sums: dict[str, torch.Tensor] = {}
-        self.batches: dict[str, int] = {}  # by layer
+        self.batches = 0  # over all devices
         self.devices = 0
 
     def add(self, stats: State) -> None:
-        """One device's statistics (validated by ``common.protocol.check_bn_statistics``)."""
+        """One device's statistics, validated by ``common.protocol.check_bn_statistics``: every
+        layer saw the same number of batches, the device's weight."""
+        k = next(int(t) for name, t in stats.items() if name.endswith(COUNT))
         for name, t in stats.items():
-            layer = _layer(name)
-            if name.endswith(COUNT):
-                self.batches[layer] = self.batches.get(layer, 0) + int(t)
-                continue
-            weighted = t.double() * int(stats[f"{layer}.{COUNT}"])
-            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
+            if not name.endswith(COUNT):
+                weighted = t.double() * k
+                self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
+        self.batches += k
         self.devices += 1
 
     def result(self) -> State:
@@ -50,12 +46,8 @@ class BnStatsSum:
         if not self.devices:
             return out
         for name, ref in bn_statistics_of(self.reference).items():
-            layer = _layer(name)
-            total = self.batches[layer]
-            if name.endswith(COUNT):
-                out[name] = torch.tensor(total, dtype=ref.dtype)
-            else:
-                out[name] = (self.sums[name] / total).to(ref.dtype)
+            out[name] = (torch.tensor(self.batches, dtype=ref.dtype) if name.endswith(COUNT)
+                         else (self.sums[name] / self.batches).to(ref.dtype))
         return out
 
 

@@ -69,7 +69,7 @@ class Simulation:
 
     def participant_batches(self, tasks: list[ClientTask]) -> Iterator[torch.Tensor]:
         """Each participant's train data in order, in consecutive batches: what a fleet's device
-        runs through the model for static BN (``common.calibration.local_bn_statistics``)."""
+        runs through the model for static BN (``common.calibration.bn_statistics``)."""
         for task in tasks:
             yield from batches(self.x[torch.from_numpy(self.fed.train[task.client])])
 

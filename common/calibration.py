@@ -37,9 +37,13 @@ def batches(x: torch.Tensor, size: int = BATCH) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
-def recompute_bn_statistics(model: nn.Module, data: Iterable[torch.Tensor]) -> None:
-    """Reset every BatchNorm2d's running statistics and replace them by their cumulative average
-    over the batches of ``data`` (train-mode forward passes; no weight changes)."""
+def bn_statistics(model_name: str, state: State, data: Iterable[torch.Tensor]) -> State:
+    """The BatchNorm running statistics of the full model ``state`` recomputed as their
+    cumulative average over the batches of ``data`` (train-mode forward passes, no weight
+    changes): on a device its own train data in ``batches``, on the simulator every
+    participant's."""
+    model = build_model(model_name)
+    model.load_state_dict(state)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.reset_running_stats()
@@ -47,12 +51,4 @@ def recompute_bn_statistics(model: nn.Module, data: Iterable[torch.Tensor]) -> N
     model.train()
     for batch in data:
         model(batch)
-
-
-def local_bn_statistics(model_name: str, state: State, x: torch.Tensor) -> State:
-    """A device's statistics of the full global model ``state`` on its train data ``x``, in
-    batches of ``BATCH`` in the data's order (the simulator's ``participant_batches``)."""
-    model = build_model(model_name)
-    model.load_state_dict(state)
-    recompute_bn_statistics(model, batches(x))
     return {k: v.detach().clone() for k, v in bn_statistics_of(model.state_dict()).items()}

@@ -12,7 +12,7 @@ restarted device, or a restarted cloud that re-runs the round, does not train tw
 With static BatchNorm the cloud follows an accepted update with a ``calibrate`` job on the same
 task topic, while the round is ``calibrating``: the device fetches the new global model the same
 way, recomputes its BatchNorm statistics on its own train data
-(``common.calibration.local_bn_statistics``) and offers and uploads only those statistics.
+(``common.calibration.bn_statistics``) and offers and uploads only those statistics.
 
 With a ``ModelFetcher`` (device/serving.py) the agent also follows the cloud's retained
 ``model`` message and hands it the graph chunks; the fetcher decides what to request.
@@ -35,7 +35,7 @@ import torch
 
 from common import protocol as p
 from common import tensorfile
-from common.calibration import local_bn_statistics
+from common.calibration import batches, bn_statistics
 from common.models import SPECS, build_model
 from common.mqtt_link import BrokerSettings, Link
 from common.training import TrainConfig, accuracy_per_exit, train_task
@@ -340,7 +340,7 @@ class DeviceAgent:
         start = time.perf_counter()
         self.training = True  # a signal may interrupt it, like training
         try:
-            stats = local_bn_statistics(model_name, state, torch.from_numpy(self.data["x"]))
+            stats = bn_statistics(model_name, state, batches(torch.from_numpy(self.data["x"])))
         finally:
             self.training = False
         meta = {"run": task["run"], "round": task["round"], "device": self.id}

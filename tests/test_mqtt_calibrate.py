@@ -21,7 +21,7 @@ from cloud.runlog import read_metrics
 from cloud.server import CloudOptions, FleetCloud
 from cloud.simulation import initial_state
 from common import protocol as p
-from common.calibration import batches, bn_statistics_of, local_bn_statistics
+from common.calibration import batches, bn_statistics, bn_statistics_of
 from common.models import tier_state
 from common.mqtt_link import broker_settings
 
@@ -51,8 +51,8 @@ def test_devices_statistics_combine_to_the_simulators_over_all_batches():
     state = initial_state(RunConfig(model="hapt", seed=1))
     xa, xb = torch.randn(300, 3, 151), torch.randn(520, 3, 151) * 2 + 1
     reference = static_bn_statistics("hapt", state, [*batches(xa), *batches(xb)])
-    combined = combine_bn_statistics(state, [local_bn_statistics("hapt", state, xa),
-                                             local_bn_statistics("hapt", state, xb)])
+    combined = combine_bn_statistics(state, [bn_statistics("hapt", state, batches(xa)),
+                                             bn_statistics("hapt", state, batches(xb))])
     assert max_diff(combined, reference) <= 1e-5
     assert combined["stem.bn1.num_batches_tracked"].item() == 5
 

@@ -83,7 +83,7 @@ class DeviceAgent:
         self.download: p.Reassembly | None = None
         self.result: dict[str, Any] | None = self._load_result()
         self.stats: dict[str, Any] | None = None  # the last BatchNorm statistics computed
-        self.done: set[tuple[Any, ...]] = set()  # _done_key of jobs answered
+        self.done: set[tuple[str, int, str]] = set()  # _done_key of jobs answered
         self.runs_seen: set[str] = set()  # runs seen open: only their end makes us leave
         self.phase = "idle"  # idle | fetching | offering | sending
         self.last_sent = 0.0
@@ -430,11 +430,9 @@ def _key(task: dict[str, Any]) -> tuple[str, int, str, int | None]:
     return (task["run"], task["round"], task["weights"].sha256, task.get("seed"))
 
 
-def _done_key(job: dict[str, Any]) -> tuple[Any, ...]:
-    """A job's entry in ``DeviceAgent.done``: (run, round) for the round's task; a calibration
-    of the same round comes after its task, so it is told apart by its type."""
-    key = (job["run"], job["round"])
-    return key if job["type"] == "task" else (*key, job["type"])
+def _done_key(job: dict[str, Any]) -> tuple[str, int, str]:
+    """A job's entry in ``DeviceAgent.done``: a round's calibration follows its task."""
+    return job["run"], job["round"], job["type"]
 
 
 def _what(job: dict[str, Any]) -> str:

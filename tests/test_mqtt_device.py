@@ -53,7 +53,7 @@ def test_task_of_the_open_round_is_fetched_once_and_deeper_tasks_refused(tmp_pat
     b = agent(tmp_path / "b", tier=1)
     b._on_message(p.cloud_topic("round"), round_msg("r", "open"))
     b._on_message(p.device_topic("dev-1", "task"), task_msg("r", depth=3))
-    assert b.sent == [] and ("r", 1) in b.done
+    assert b.sent == [] and ("r", 1, "task") in b.done
 
 
 def test_a_trained_update_is_offered_again_after_a_restart_not_retrained(tmp_path):

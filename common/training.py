@@ -10,7 +10,8 @@ strategy (``Strategy.train_config``) and carried to devices in the task's ``trai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -126,6 +127,22 @@ def local_loss(logits: Sequence[torch.Tensor], target: torch.Tensor,
     return joint_loss(logits, target, cfg.exit_weights)
 
 
+@contextmanager
+def cpu_fast_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """Runs ``model`` with channels-last (NHWC) weights on CPU, where oneDNN's convolutions are
+    faster in that layout (here, 1 thread: 10 % per training step and 26 % per evaluation for
+    the cifar10 model, 3 % / 22 % for hapt), and puts the weights back in the default layout
+    so that state dicts stay contiguous for the wire format and the hypernetworks."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if on_cpu:
+            model.to(memory_format=torch.contiguous_format)
+
+
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                 generator: torch.Generator) -> float:
     """Train ``model`` in place on (x, y); returns the mean local loss over the last epoch.
@@ -133,21 +150,25 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     Shuffling draws from ``generator`` and dropout from torch's global RNG, so a caller that
     seeds both gets bit-identical weights on the same machine.
     """
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.1 * cfg.lr)
-    model.train()
-    n, last = len(x), 0.0
-    for _ in range(cfg.epochs):
-        order, total, batches = torch.randperm(n, generator=generator), 0.0, 0
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a single sample
-                continue
-            loss = local_loss(model(x[idx]), y[idx], cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, batches = total + loss.item(), batches + 1
-        last = total / max(batches, 1)
+    with cpu_fast_layout(model):
+        # fused: one kernel for every tensor's update (the per-tensor loop was 20 % of a
+        # training step of the hapt model on CPU), the same Adam to float rounding
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.1 * cfg.lr,
+                               fused=True)
+        model.train()
+        n, last = len(x), 0.0
+        for _ in range(cfg.epochs):
+            order, total, batches = torch.randperm(n, generator=generator), 0.0, 0
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a single sample
+                    continue
+                loss = local_loss(model(x[idx]), y[idx], cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, batches = total + loss.item(), batches + 1
+            last = total / max(batches, 1)
     return last
 
 
@@ -155,8 +176,9 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
 def predict_exits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted labels at every exit: (exits, N)."""
     model.eval()
-    preds = [torch.stack([z.argmax(1) for z in model(x[i : i + batch_size])])
-             for i in range(0, len(x), batch_size)]
+    with cpu_fast_layout(model):
+        preds = [torch.stack([z.argmax(1) for z in model(x[i : i + batch_size])])
+                 for i in range(0, len(x), batch_size)]
     return torch.cat(preds, dim=1)
 
 

@@ -137,7 +137,8 @@ def test_without_distillation_the_loss_is_the_old_joint_loss_bit_for_bit():
 
 
 def _old_train_local(model, x, y, cfg, generator):
-    """train_local as it was before distillation existed (the joint loss, inline)."""
+    """train_local as it was before distillation existed (the joint loss, inline), with the
+    default layout and the per-tensor Adam: the reference for the fused, channels-last one."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.1 * cfg.lr)
     model.train()
     for _ in range(cfg.epochs):
@@ -152,24 +153,29 @@ def _old_train_local(model, x, y, cfg, generator):
             opt.step()
 
 
-def test_default_training_gives_the_old_weights_and_distillation_changes_them():
+def test_default_training_gives_the_plain_loops_weights_and_distillation_changes_them():
+    # float64: in float32 Adam turns rounding noise into lr-sized steps wherever a gradient is
+    # ~0 (conv biases under BatchNorm get ~1e-7), so two correct orders of summation diverge
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(20, 1, 28, 28, generator=g), torch.randint(0, 10, (20,), generator=g)
+    x = torch.randn(20, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (20,), generator=g)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3)
     torch.manual_seed(1)
-    start = build_model("mnist", depth=2).state_dict()
+    start = build_model("mnist", depth=2).double().state_dict()
 
     def trained(fn, c):
-        model = build_model("mnist", depth=2)
+        model = build_model("mnist", depth=2).double()
         model.load_state_dict(start)
         torch.manual_seed(2)
         fn(model, x, y, c, torch.Generator().manual_seed(3))
         return model.state_dict()
 
     new, old = trained(train_local, cfg), trained(_old_train_local, cfg)
-    assert all(torch.equal(new[k], old[k]) for k in old)
+    assert all(new[k].is_contiguous() for k in new)  # the layout is put back
+    for k in old:  # fused Adam and NHWC convolutions: the same training to float rounding
+        torch.testing.assert_close(new[k], old[k], rtol=1e-9, atol=1e-9)
     distilled = trained(train_local, TrainConfig(1, 8, 1e-3, distill="mutual"))
-    assert not torch.equal(distilled["stem.conv1.weight"], old["stem.conv1.weight"])
+    assert not torch.allclose(distilled["stem.conv1.weight"], old["stem.conv1.weight"])
 
 
 def test_train_config_validation_and_wire_round_trip():

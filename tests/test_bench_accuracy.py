@@ -30,8 +30,13 @@ def test_final_is_the_mean_of_the_last_three_evaluations_and_best_the_maximum():
     assert acc.rounds_to(s["curve"], 0.5) == 3
 
 
-def test_plan_covers_seeds_variants_and_the_cpu_rounds_at_alpha_01():
-    runs = acc.plan()
+def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
+    core = {r.name for r in acc.plan()}
+    assert len(core) == 5 * (3 * 3 + 4) + 7  # 5 settings, MAIN x 3 seeds + OTHERS, ablations
+    assert not any("-sbn" in n or "tiered" in n or "gate" in n or "adam25" in n for n in core)
+    assert {f"hapt-subject/hypemefed-{a}/s0" for a in acc.CORE_ABLATIONS} <= core
+    runs = acc.plan(extras=True)
+    assert [r.name for r in runs[: len(core)]] == [r.name for r in acc.plan()]  # core first
     names = {r.name for r in runs}
     assert len(names) == len(runs)  # no run planned twice
     for setting in acc.SETTINGS:

@@ -14,18 +14,20 @@ spec.loader.exec_module(acc)
 
 
 def row(rnd, e3, local=0.5, e1=0.6):
-    return {"round": rnd, "server_s": 0.1 * rnd,
+    return {"round": rnd, "server_s": 0.1 * rnd, "elapsed_s": 2.0 * rnd,
             "acc": {"global": {"1": e1, "2": None, "3": e3}, "tier": {"1": e1, "2": 0.4, "3": e3},
                     "local_mean": local}}
 
 
 def test_final_is_the_mean_of_the_last_three_evaluations_and_best_the_maximum():
-    rows = [row(3, 0.9), {"round": 4, "server_s": 0.4}, row(6, 0.1), row(9, 0.2), row(12, 0.6)]
+    rows = [row(3, 0.9), {"round": 4, "server_s": 0.4, "elapsed_s": 8.0}, row(6, 0.1),
+            row(9, 0.2), row(12, 0.6)]
     s = acc.run_summary(rows, 12)
     assert s["final_global"]["3"] == pytest.approx((0.1 + 0.2 + 0.6) / 3)
     assert s["best_global"]["3"] == 0.9 and s["final_global"]["2"] is None
     assert s["final_tier"]["2"] == pytest.approx(0.4)
     assert s["server_s"] == pytest.approx(0.1 * (3 + 4 + 6 + 9 + 12) / 5)
+    assert s["run_s"] == pytest.approx(2.0 * (3 + 4 + 6 + 9 + 12))
     assert s["rounds_done"] == 12 and [c[0] for c in s["curve"]] == [3, 6, 9, 12]
     assert acc.rounds_to(s["curve"], 0.5) == 3
 

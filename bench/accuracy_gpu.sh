@@ -4,13 +4,16 @@
 # JOBS at a time. Expects .gpu/ to hold cifar10_jpeg.npz, small_index.npz and make_small.py (see
 # docs/RESULTS.md). Results come back as $OUT/runs.tgz (run directories without checkpoints),
 # re-packed every 30 s so that a run cut off by the device's time limit still returns what it did.
-# SCALE=full ONLY=... runs the authors' setting instead (hours: split it across sessions).
+# SCALE=full ONLY=... runs the authors' setting instead; with DEADLINE (seconds) inside the call
+# limit, a second call on the still-warm machine resumes the cut runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 SCALE=${SCALE:-cpu}
 ONLY=${ONLY:-cifar10-}
-RUNS=/tmp/runs
+# inside the checkout (ignored by git): a warm machine keeps it between calls, so a second call
+# resumes every cut run from its checkpoint
+RUNS=${RUNS:-runs/gpu}
 mkdir -p .gpu/small "$RUNS"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 pack() { tar czf "$OUT/runs.tmp" --exclude checkpoint.hmf --exclude '*.tmp' -C "$RUNS" . \

@@ -119,12 +119,17 @@ class Run:
         return f"{self.setting}/{self.strategy}{variant}/s{self.seed}"
 
 
+def _strategies(seed: int, setting: str) -> list[Run]:
+    """Every strategy with its defaults: MAIN at every seed, OTHERS at seed 0."""
+    return [Run(setting, s, seed) for s in MAIN + (OTHERS if seed == 0 else ())]
+
+
 def _core(seed: int, setting: str) -> list[Run]:
     """What the issue asks for: every strategy (MAIN at every seed, OTHERS at seed 0) on the
     untiered settings, and the ablations in CORE_ABLATIONS at seed 0."""
     if setting in TIERED_SETTINGS:
         return []
-    runs = [Run(setting, s, seed) for s in MAIN + (OTHERS if seed == 0 else ())]
+    runs = _strategies(seed, setting)
     if setting == ABLATION_SETTING and seed == 0:
         runs += [Run(setting, "hypemefed", seed, k, ABLATIONS[k]) for k in CORE_ABLATIONS]
     return runs
@@ -133,8 +138,7 @@ def _core(seed: int, setting: str) -> list[Run]:
 def _extras(seed: int, setting: str) -> list[Run]:
     """What the analysis of the shortfall added: static BN, the tiered settings, the gate and
     the authors' Adam-trained hypernetwork."""
-    runs = [Run(setting, s, seed) for s in MAIN + (OTHERS if seed == 0 else ())
-            if setting in TIERED_SETTINGS]
+    runs = _strategies(seed, setting) if setting in TIERED_SETTINGS else []
     runs += [Run(setting, s, seed, "sbn", STATIC_BN) for s in MAIN]
     if setting in TIERED_SETTINGS:  # only generated heads can carry tier 1's classes
         runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))

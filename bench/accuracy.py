@@ -80,6 +80,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # the gate with BatchNorm statistics recomputed for the new global model (see STATIC_BN)
     "gate-sbn": dict(hypernet_gate=True, static_bn=True),
 }
+# What perfect generation could reach: every participant trains the full model (fedavg with all
+# clients in tier 3), as if the hypernetworks produced exactly the deep blocks the shallow
+# participants would have trained. Same partitions, participants per round and local training.
+CEILING = dict(tier_mix=(0.0, 0.0, 1.0))
+CEILING_SETTINGS = ("cifar10-dir0.1", "hapt-dir0.1", "hapt-subject")
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "cifar10": dict(clients=20, participants=6, rounds=15, local_epochs=1, batch_size=32,
@@ -136,9 +141,11 @@ def _core(seed: int, setting: str) -> list[Run]:
 
 
 def _extras(seed: int, setting: str) -> list[Run]:
-    """What the analysis of the shortfall added: static BN, the tiered settings, the gate and
-    the authors' Adam-trained hypernetwork."""
+    """What the analysis of the shortfall added: static BN, the tiered settings, the gate, the
+    authors' Adam-trained hypernetwork and the ceiling of perfect generation."""
     runs = _strategies(seed, setting) if setting in TIERED_SETTINGS else []
+    if setting in CEILING_SETTINGS:
+        runs.append(Run(setting, "fedavg", seed, "ceiling", CEILING))
     runs += [Run(setting, s, seed, "sbn", STATIC_BN) for s in MAIN]
     if setting in TIERED_SETTINGS:  # only generated heads can carry tier 1's classes
         runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))
@@ -304,17 +311,23 @@ def mean_std(values: list[float | None]) -> dict[str, Any] | None:
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
 
 
-def collect(work: Path, scale: str) -> dict[str, Any]:
+def summarise_runs(work: Path) -> dict[str, dict[str, Any]]:
+    """The summary of every run directory under ``work`` (planned runs and any extra seeds)."""
     from cloud.runlog import read_metrics
 
     per_run: dict[str, dict[str, Any]] = {}
-    for metrics in sorted(work.glob("*/*/s*/metrics.jsonl")):  # planned runs and any extra seeds
+    for metrics in sorted(work.glob("*/*/s*/metrics.jsonl")):
         out = metrics.parent
         rows = read_metrics(out)
         if rows and out.parent.parent.name in SETTINGS:
             cfg = json.loads((out / "config.json").read_text())
             per_run[str(out.relative_to(work))] = {**run_summary(rows, cfg["rounds"]),
                                                    "device": cfg["device"]}
+    return per_run
+
+
+def collect(per_run: dict[str, dict[str, Any]], scale: str) -> dict[str, Any]:
+    """Targets, rounds to target, and mean ± std over seeds of every group of runs."""
     for setting in SETTINGS:
         runs = [s for n, s in per_run.items() if n.startswith(setting + "/")]
         peak = max((s["best_global"]["3"] or 0 for s in runs), default=0)
@@ -322,7 +335,7 @@ def collect(work: Path, scale: str) -> dict[str, Any]:
             s["target"] = TARGET_FRACTION * peak
             s["rounds_to_target"] = rounds_to(s["curve"], s["target"])
     groups: dict[str, dict[str, Any]] = {}
-    for name, s in per_run.items():
+    for name, s in sorted(per_run.items()):
         key = name.rsplit("/", 1)[0]
         groups.setdefault(key, {"runs": []})["runs"].append(s)
     for g in groups.values():
@@ -336,7 +349,7 @@ def collect(work: Path, scale: str) -> dict[str, Any]:
             g[metric] = mean_std([r[metric] for r in runs])
         for metric in ("final_global", "best_global", "final_tier"):
             g[metric] = {e: mean_std([r[metric].get(e) for r in runs]) for e in ("1", "2", "3")}
-    return {"scale": scale, "runs": per_run, "groups": groups}
+    return {"scale": scale, "runs": dict(sorted(per_run.items())), "groups": groups}
 
 
 def fmt(ms: dict[str, Any] | None, pct: bool = True) -> str:
@@ -443,10 +456,16 @@ def compute_time(result: dict[str, Any]) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    result = collect(Path(args.runs) / args.scale, args.scale)
-    if not result["runs"]:
-        sys.exit(f"no runs under {Path(args.runs) / args.scale}: run `bench/accuracy.py run` first")
     out = ROOT / "bench" / "results" / f"accuracy_{args.scale}.json"
+    found = summarise_runs(Path(args.runs) / args.scale)
+    # runs made elsewhere (another machine, an earlier checkout) stay in the record; a run
+    # found here replaces its recorded summary
+    kept = {} if args.fresh or not out.is_file() else json.loads(out.read_text())["runs"]
+    if not found and not kept:
+        sys.exit(f"no runs under {Path(args.runs) / args.scale}: run `bench/accuracy.py run` first")
+    print(f"{len(found)} runs found under {Path(args.runs) / args.scale}, "
+          f"{len(set(kept) - set(found))} more kept from {out.relative_to(ROOT)}")
+    result = collect({**kept, **found}, args.scale)
     out.write_text(json.dumps(result, indent=1) + "\n")
     text = table(result)
     print(text)
@@ -474,13 +493,16 @@ def main() -> None:
     r.add_argument("--only", help="only runs whose name contains one of these (comma-separated), "
                    "e.g. hapt-dir0.1/,cifar10-dir0.1/hypemefed/s0")
     r.add_argument("--extras", action="store_true", help="also the runs beyond the issue's: "
-                   "static BN, the label-tiered settings, the gate, Adam-trained hypernetworks")
+                   "static BN, the label-tiered settings, the gate, Adam-trained hypernetworks, "
+                   "the ceiling of perfect generation")
     r.add_argument("--cifar-dir", help=f"CIFAR-10 files (default {SHARED_CIFAR})")
     r.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"))
     r.add_argument("--deadline-s", type=float, help="stop every run after this many seconds")
     rep = sub.add_parser("report", help="tables, JSON and plots from the runs so far")
     rep.add_argument("--scale", choices=SCALES, default="cpu")
     rep.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"))
+    rep.add_argument("--fresh", action="store_true",
+                     help="only the runs found under --runs (default: merge them into the record)")
     one = sub.add_parser("one", help=argparse.SUPPRESS)
     one.add_argument("config", type=Path)
     one.add_argument("out", type=Path)

@@ -60,3 +60,28 @@ def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
     tiered = acc.run_config(by_name["cifar10-dir0.1-tiered/hypemefed-gen-all/s2"], "cpu", "cpu",
                             "DIR")
     assert (tiered["tier_by"], tiered["generate"], tiered["data_dir"]) == ("label", "all", "DIR")
+    # the ceiling: the same setting with every client in tier 3, so fedavg trains them all
+    ceiling = acc.run_config(by_name["hapt-dir0.1/fedavg-ceiling/s2"], "cpu", "cpu", None)
+    assert ceiling == {**acc.run_config(by_name["hapt-dir0.1/fedavg/s2"], "cpu", "cpu", None),
+                       "tier_mix": (0.0, 0.0, 1.0)}
+    assert {r.setting for r in runs if r.variant == "ceiling"} == set(acc.CEILING_SETTINGS)
+
+
+def test_groups_average_over_seeds_and_targets_follow_the_settings_best_run():
+    curve = [row(3, 0.2), row(6, 0.4), row(9, 0.8), row(12, 0.6)]
+    per_run = {"hapt-subject/depthwise/s0": acc.run_summary(curve, 12),
+               "hapt-subject/depthwise/s1": acc.run_summary([row(3, 0.3), row(6, 0.5)], 12),
+               "hapt-dir0.1/fedavg/s0": acc.run_summary([row(3, 0.1)], 12)}
+    for s in per_run.values():
+        s["device"] = "cpu"
+    result = acc.collect(per_run, "cpu")
+    dw = result["groups"]["hapt-subject/depthwise"]
+    final = [(0.4 + 0.8 + 0.6) / 3, (0.3 + 0.5) / 2]
+    assert dw["seeds"] == 2 and not dw["complete"] and dw["rounds_done"] == 6
+    assert dw["final_global"]["3"]["mean"] == pytest.approx(sum(final) / 2)
+    assert dw["final_global"]["3"]["std"] == pytest.approx(abs(final[0] - final[1]) / 2)
+    # target: 90 % of the best exit 3 in the setting (0.8), reached at round 9 by s0 only
+    assert result["runs"]["hapt-subject/depthwise/s1"]["target"] == pytest.approx(0.72)
+    assert [result["runs"][f"hapt-subject/depthwise/s{s}"]["rounds_to_target"]
+            for s in (0, 1)] == [9, None]
+    assert result["runs"]["hapt-dir0.1/fedavg/s0"]["rounds_to_target"] == 3  # its own setting

@@ -17,7 +17,8 @@ Scales (``--scale``):
         of which 6 a round, batch 32 instead of 128). The issue's 72 runs (the default plan)
         took 102 minutes here, two at a time; ``--extras`` adds 111 analysis runs (static BN,
         label-tiered settings, the gate, Adam-trained hypernetworks, the ceiling of perfect
-        generation). A 16-core GPU machine runs 16 at a time (``bench/accuracy_gpu.sh``: 79 runs took 12.7 min on an H200).
+        generation). A 16-core GPU machine runs 16 at a time (``bench/accuracy_gpu.sh``: 79
+        runs took 12.7 min on an H200).
   full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
         10 a round, 300 rounds, 5 local epochs, batch 128, lr 5e-4) and HAPT as UniMiB
         (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``, hours a run.

@@ -331,6 +331,7 @@ def summarise_runs(work: Path) -> dict[str, dict[str, Any]]:
 
 def collect(per_run: dict[str, dict[str, Any]], scale: str) -> dict[str, Any]:
     """Targets, rounds to target, and mean ± std over seeds of every group of runs."""
+    per_run = dict(sorted(per_run.items()))
     for setting in SETTINGS:
         runs = [s for n, s in per_run.items() if n.startswith(setting + "/")]
         peak = max((s["best_global"]["3"] or 0 for s in runs), default=0)
@@ -338,7 +339,7 @@ def collect(per_run: dict[str, dict[str, Any]], scale: str) -> dict[str, Any]:
             s["target"] = TARGET_FRACTION * peak
             s["rounds_to_target"] = rounds_to(s["curve"], s["target"])
     groups: dict[str, dict[str, Any]] = {}
-    for name, s in sorted(per_run.items()):
+    for name, s in per_run.items():
         key = name.rsplit("/", 1)[0]
         groups.setdefault(key, {"runs": []})["runs"].append(s)
     for g in groups.values():
@@ -352,7 +353,7 @@ def collect(per_run: dict[str, dict[str, Any]], scale: str) -> dict[str, Any]:
             g[metric] = mean_std([r[metric] for r in runs])
         for metric in ("final_global", "best_global", "final_tier"):
             g[metric] = {e: mean_std([r[metric].get(e) for r in runs]) for e in ("1", "2", "3")}
-    return {"scale": scale, "runs": dict(sorted(per_run.items())), "groups": groups}
+    return {"scale": scale, "runs": per_run, "groups": groups}
 
 
 def fmt(ms: dict[str, Any] | None, pct: bool = True) -> str:

@@ -87,8 +87,9 @@ def kernel_ridge(src: torch.Tensor, tgt: torch.Tensor, query: torch.Tensor) -> t
 
 
 def lrf(src: torch.Tensor, tgt: torch.Tensor, query: torch.Tensor, rank: int) -> torch.Tensor:
-    torch.manual_seed(0)
-    hnet = build_hypernet("lrf", src.shape[1:], tgt.shape[1:], rank=rank)
+    with torch.random.fork_rng(devices=[]):  # the same initial hypernetwork every time
+        torch.manual_seed(0)
+        hnet = build_hypernet("lrf", src.shape[1:], tgt.shape[1:], rank=rank)
     fit(hnet, torch.optim.Adam(hnet.parameters()), src, tgt)
     with torch.no_grad():
         return hnet.eval()(query)
@@ -107,7 +108,8 @@ def predictability(trained: list[State], tiers: list[int], rank: int) -> list[di
             fit_on, test = tiers_t != held, tiers_t == held
             if fit_on.sum() < 2 or not test.any():
                 continue
-            ds, dt = src - src[fit_on].mean(0), tgt - tgt[fit_on].mean(0)
+            src_mean, tgt_mean = src[fit_on].mean(0), tgt[fit_on].mean(0)
+            ds, dt = src - src_mean, tgt - tgt_mean
             true = dt[test].flatten(1)
             scale = true.norm(dim=1)
 
@@ -116,8 +118,7 @@ def predictability(trained: list[State], tiers: list[int], rank: int) -> list[di
 
             krr = kernel_ridge(ds[fit_on].flatten(1), dt[fit_on].flatten(1), ds[test].flatten(1))
             row = {"transition": f"{source} -> {target}", "held_out_tier": held,
-                   "lrf": err(lrf(src[fit_on], tgt[fit_on], src[test], rank)
-                              - tgt[fit_on].mean(0)),
+                   "lrf": err(lrf(src[fit_on], tgt[fit_on], src[test], rank) - tgt_mean),
                    "lrf_dev": err(lrf(ds[fit_on], dt[fit_on], ds[test], rank)),
                    "krr_dev": err(krr),
                    "group_krr": float((krr.mean(0) - true.mean(0)).norm() / true.mean(0).norm()),

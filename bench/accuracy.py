@@ -110,6 +110,10 @@ CPU_ROUNDS_AT_ALPHA_01 = 30  # 15 left exit 3 at chance for every strategy (H200
 # the authors' release reports its last 3 rounds: at alpha 0.1 one round's value swings by 15
 # points with the round's participants (cifar10 fedavg: 0.28 at round 6, 0.10 at round 12)
 FINAL_EVALS = 3
+# plots of curves with at least twice this many evaluations (the full scale: 60) draw the raw
+# curve faintly and the trailing mean over this many (50 rounds there): at alpha 0.1 one round's
+# exit-3 accuracy swings between 17 % and 57 % with the round's participants
+SMOOTH_EVALS = 10
 TARGET_FRACTION = 0.9  # "rounds to target": first round at 90 % of the setting's best exit-3
 
 
@@ -392,6 +396,12 @@ def mean_curve(runs: list[dict[str, Any]], col: int) -> list[tuple[int, float]]:
     return [(rnd, float(np.mean(v))) for rnd, v in sorted(by_round.items())]
 
 
+def trailing_mean(pts: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
+    """Per point, the mean of it and the k - 1 before it (fewer at the start)."""
+    vals = [v for _, v in pts]
+    return [(rnd, float(np.mean(vals[max(0, i - k + 1):i + 1]))) for i, (rnd, _) in enumerate(pts)]
+
+
 def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
     """Per setting: the strategies (top) and HypeMeFed's ablations and static-BN variants with
     depthwise as reference (bottom), mean over the seeds each has; exit 3 on the global test
@@ -420,10 +430,16 @@ def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
             for i, name in enumerate(names):
                 for ax, col in zip(row, (1, 2), strict=True):
                     pts = mean_curve(groups[name], col)
-                    if pts:
-                        ax.plot(*zip(*pts, strict=True), color=colors[i % 10],
-                                ls="-" if i < 10 else "--", lw=2.2 if name == "hypemefed" else 1.2,
-                                label=f"{name} ({len(groups[name])} seed(s))")
+                    if not pts:
+                        continue
+                    label = f"{name} ({len(groups[name])} seed(s))"
+                    if len(pts) >= 2 * SMOOTH_EVALS:  # long, noisy curves: faint, plus a mean
+                        ax.plot(*zip(*pts, strict=True), color=colors[i % 10], lw=0.7, alpha=0.3)
+                        pts = trailing_mean(pts, SMOOTH_EVALS)
+                        label += f", mean of last {SMOOTH_EVALS} evals"
+                    ax.plot(*zip(*pts, strict=True), color=colors[i % 10],
+                            ls="-" if i < 10 else "--", lw=2.2 if name == "hypemefed" else 1.2,
+                            label=label)
             for ax, title in zip(row, ("global test, exit 3", "mean local test"), strict=True):
                 ax.set_title(f"{setting} ({scale}): {title}", fontsize=9)
                 ax.set_xlabel("round")

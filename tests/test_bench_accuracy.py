@@ -32,6 +32,13 @@ def test_final_is_the_mean_of_the_last_three_evaluations_and_best_the_maximum():
     assert acc.rounds_to(s["curve"], 0.5) == 3
 
 
+def test_trailing_mean_averages_each_point_with_those_before_it():
+    pts = [(5, 0.2), (10, 0.4), (15, 0.9), (20, 0.1)]
+    smooth = acc.trailing_mean(pts, 3)
+    assert [r for r, _ in smooth] == [5, 10, 15, 20]
+    assert [v for _, v in smooth] == pytest.approx([0.2, 0.3, 0.5, (0.4 + 0.9 + 0.1) / 3])
+
+
 def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
     core = {r.name for r in acc.plan()}
     assert len(core) == 5 * (3 * 3 + 4) + 7  # 5 settings, MAIN x 3 seeds + OTHERS, ablations

@@ -112,7 +112,7 @@ CPU_ROUNDS_AT_ALPHA_01 = 30  # 15 left exit 3 at chance for every strategy (H200
 FINAL_EVALS = 3
 # plots of curves with at least twice this many evaluations (the full scale: 60) draw the raw
 # curve faintly and the trailing mean over this many (50 rounds there): at alpha 0.1 one round's
-# exit-3 accuracy swings between 17 % and 57 % with the round's participants
+# exit-3 accuracy swings between 15 % and 60 % with the round's participants (full HAPT runs)
 SMOOTH_EVALS = 10
 TARGET_FRACTION = 0.9  # "rounds to target": first round at 90 % of the setting's best exit-3
 

@@ -110,9 +110,10 @@ CPU_ROUNDS_AT_ALPHA_01 = 30  # 15 left exit 3 at chance for every strategy (H200
 # the authors' release reports its last 3 rounds: at alpha 0.1 one round's value swings by 15
 # points with the round's participants (cifar10 fedavg: 0.28 at round 6, 0.10 at round 12)
 FINAL_EVALS = 3
-# plots of curves with at least twice this many evaluations (the full scale: 60) draw the raw
-# curve faintly and the trailing mean over this many (50 rounds there): at alpha 0.1 one round's
-# exit-3 accuracy swings between 15 % and 60 % with the round's participants (full HAPT runs)
+# "late" accuracy is the mean of the last this many evaluations (50 rounds at the full scale),
+# and plots of curves with at least twice as many evaluations draw the raw curve faintly and
+# this trailing mean: at alpha 0.1 one evaluation's exit-3 accuracy swings between 15 % and
+# 60 % with its round's participants (full HAPT runs)
 SMOOTH_EVALS = 10
 TARGET_FRACTION = 0.9  # "rounds to target": first round at 90 % of the setting's best exit-3
 
@@ -278,14 +279,14 @@ def run_all(args: argparse.Namespace) -> None:
 
 
 def run_summary(rows: list[dict[str, Any]], planned_rounds: int) -> dict[str, Any]:
-    """Final (mean of the last FINAL_EVALS evaluations) and best global accuracy per exit,
-    per-tier accuracy at each tier's deepest exit, mean local test accuracy, server seconds
-    per round and the accuracy curve."""
+    """Final (mean of the last FINAL_EVALS evaluations), late (of the last SMOOTH_EVALS, the
+    steadier figure where one evaluation swings with its round's participants) and best global
+    accuracy per exit, per-tier accuracy at each tier's deepest exit, mean local test accuracy,
+    server seconds per round and the accuracy curve."""
     evaluated = [r["acc"] for r in rows if r.get("acc")]
-    tail = evaluated[-FINAL_EVALS:]
 
-    def final(get) -> float | None:
-        vals = [get(a) for a in tail]
+    def final(get, n: int = FINAL_EVALS) -> float | None:
+        vals = [get(a) for a in evaluated[-n:]]
         return float(np.mean(vals)) if vals and None not in vals else None
 
     def best(get) -> float | None:
@@ -298,6 +299,8 @@ def run_summary(rows: list[dict[str, Any]], planned_rounds: int) -> dict[str, An
         "final_global": {e: final(lambda a, e=e: a["global"].get(e)) for e in exits},
         "best_global": {e: best(lambda a, e=e: a["global"].get(e)) for e in exits},
         "final_tier": {e: final(lambda a, e=e: a["tier"].get(e)) for e in exits},
+        "late_global": {e: final(lambda a, e=e: a["global"].get(e), SMOOTH_EVALS) for e in exits},
+        "late_local_mean": final(lambda a: a["local_mean"], SMOOTH_EVALS),
         "final_local_mean": final(lambda a: a["local_mean"]),
         "best_local_mean": best(lambda a: a["local_mean"]),
         "server_s": float(np.mean([r["server_s"] for r in rows])) if rows else None,
@@ -352,11 +355,12 @@ def collect(per_run: dict[str, dict[str, Any]], scale: str) -> dict[str, Any]:
         g["complete"] = all(r["rounds_done"] >= r["rounds_planned"] for r in runs)
         g["rounds_done"] = min(r["rounds_done"] for r in runs)
         g["device"] = "+".join(sorted({r["device"] for r in runs}))
-        for metric in ("final_local_mean", "best_local_mean", "server_s", "rounds_to_target",
-                       "run_s"):
-            g[metric] = mean_std([r[metric] for r in runs])
-        for metric in ("final_global", "best_global", "final_tier"):
-            g[metric] = {e: mean_std([r[metric].get(e) for r in runs]) for e in ("1", "2", "3")}
+        for metric in ("final_local_mean", "late_local_mean", "best_local_mean", "server_s",
+                       "rounds_to_target", "run_s"):
+            g[metric] = mean_std([r.get(metric) for r in runs])  # records may predate a metric
+        for metric in ("final_global", "late_global", "best_global", "final_tier"):
+            g[metric] = {e: mean_std([r.get(metric, {}).get(e) for r in runs])
+                         for e in ("1", "2", "3")}
     return {"scale": scale, "runs": per_run, "groups": groups}
 
 

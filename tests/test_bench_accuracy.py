@@ -30,6 +30,14 @@ def test_final_is_the_mean_of_the_last_three_evaluations_and_best_the_maximum():
     assert s["run_s"] == pytest.approx(2.0 * (3 + 4 + 6 + 9 + 12))
     assert s["rounds_done"] == 12 and [c[0] for c in s["curve"]] == [3, 6, 9, 12]
     assert acc.rounds_to(s["curve"], 0.5) == 3
+    assert s["late_global"]["3"] == pytest.approx((0.9 + 0.1 + 0.2 + 0.6) / 4)  # < SMOOTH_EVALS
+
+
+def test_late_is_the_mean_of_the_last_smooth_evals_evaluations(monkeypatch):
+    monkeypatch.setattr(acc, "SMOOTH_EVALS", 2)
+    s = acc.run_summary([row(3, 0.9, local=0.1), row(6, 0.1, local=0.3), row(9, 0.2, local=0.5)], 9)
+    assert s["late_global"]["3"] == pytest.approx(0.15)
+    assert s["late_local_mean"] == pytest.approx(0.4)
 
 
 def test_trailing_mean_averages_each_point_with_those_before_it():

@@ -100,3 +100,18 @@ def test_groups_average_over_seeds_and_targets_follow_the_settings_best_run():
     assert [result["runs"][f"hapt-subject/depthwise/s{s}"]["rounds_to_target"]
             for s in (0, 1)] == [9, None]
     assert result["runs"]["hapt-dir0.1/fedavg/s0"]["rounds_to_target"] == 3  # its own setting
+
+
+def test_table_has_a_late_column_only_when_asked(monkeypatch):
+    monkeypatch.setattr(acc, "SMOOTH_EVALS", 2)
+    curve = [row(5, 0.2), row(10, 0.4), row(15, 0.8), row(20, 0.5)]
+    s = acc.run_summary(curve, 20)
+    s["device"] = "cpu"
+    result = acc.collect({"hapt-dir0.1/hypemefed/s0": s}, "full")
+    plain, late = acc.table(result).splitlines(), acc.table(result, late=True).splitlines()
+    assert "late" not in plain[0] and "| exit 3 (late) |" in late[0]
+    head, cells = late[0].split("|"), late[2].split("|")
+    assert len(head) == len(cells) == len(plain[2].split("|")) + 1
+    col = {h.strip(): c.strip() for h, c in zip(head, cells, strict=True)}
+    assert col["exit 3 (late)"] == "65.0"  # (0.8 + 0.5) / 2
+    assert col["exit 3 (final)"] == "56.7" and col["exit 3 (best)"] == "80.0"

@@ -63,6 +63,9 @@ def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
         for strategy in acc.OTHERS:
             assert f"{setting}/{strategy}/s0" in names
     assert {f"hapt-dir0.1-tiered/hypemefed-gen-all/s{s}" for s in acc.SEEDS} <= names
+    assert {f"{setting}/hypemefed-release/s{s}" for setting in acc.SETTINGS
+            for s in acc.SEEDS} <= names
+    assert not any("release" in n for n in core)
     assert {f"hapt-subject/hypemefed-gate-sbn/s{s}" for s in acc.SEEDS} <= names
     rank8 = "hapt-subject/hypemefed-rank8/s"
     assert rank8 + "0" in names and rank8 + "1" not in names

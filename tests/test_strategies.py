@@ -278,7 +278,7 @@ def test_heterofl_slices_and_elementwise_average():
 
 def test_registry_and_unknown_strategy():
     assert set(STRATEGIES) == {"fedavg", "fedavg-small", "depthwise", "hypemefed", "heterofl",
-                               "depthfl", "scalefl"}
+                               "depthfl", "scalefl", "hypemefed-release"}
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy("fedprox", MODEL)
     assert tier_state(fresh_state(0), 1).keys() == build_model(MODEL, depth=1).state_dict().keys()
@@ -297,3 +297,24 @@ def test_heterofl_static_bn_recomputes_running_statistics():
     assert torch.equal(new["stem.conv1.weight"], g["stem.conv1.weight"])  # weights untouched
     # strategies without static BN leave the state alone
     assert build_strategy("depthwise", MODEL).calibrate(g, iter([x])) is g
+
+
+def test_hypemefed_release_averages_stale_global_tensors_of_shallow_clients():
+    """What the authors' release computes: every participant's full state, a shallow client's
+    untrained tensors being the global model's."""
+    s = build_strategy("hypemefed-release", MODEL)
+    g = fresh_state(0)
+    u1, u3 = update(s, g, 0, 1, 1), update(s, g, 1, 3, 2)
+    new, _ = s.aggregate(g, [u1, u3], 1)
+    for name in ("blocks.2.conv1.weight", "blocks.2.bn1.running_var", "heads.2.fc.weight"):
+        assert name not in u1.state
+        torch.testing.assert_close(new[name], (g[name] + u3.state[name]) / 2)
+    name = "blocks.0.conv1.weight"
+    torch.testing.assert_close(new[name], (u1.state[name] + u3.state[name]) / 2)
+    dw, _ = build_strategy("depthwise", MODEL).aggregate(g, [u1, u3], 1)
+    assert torch.equal(dw["blocks.2.conv1.weight"], u3.state["blocks.2.conv1.weight"])
+    weighted = build_strategy("hypemefed-release", MODEL, weighting="samples")
+    u1.num_samples, u3.num_samples = 30, 10
+    new, _ = weighted.aggregate(g, [u1, u3], 1)
+    name = "blocks.2.conv1.weight"
+    torch.testing.assert_close(new[name], (30 * g[name] + 10 * u3.state[name]) / 40)

@@ -11,11 +11,13 @@ from cloud.strategies.fedavg import FedAvg
 from cloud.strategies.fedavg_small import FedAvgSmall
 from cloud.strategies.heterofl import HeteroFL
 from cloud.strategies.hypemefed import HypeMeFed
+from cloud.strategies.hypemefed_release import HypeMeFedRelease
 from cloud.strategies.scalefl import ScaleFL
 
 STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s  # type: ignore[misc]
-    for s in (FedAvg, FedAvgSmall, Depthwise, HypeMeFed, HeteroFL, DepthFL, ScaleFL)
+    for s in (FedAvg, FedAvgSmall, Depthwise, HypeMeFed, HypeMeFedRelease, HeteroFL, DepthFL,
+              ScaleFL)
 }
 
 

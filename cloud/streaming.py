@@ -5,8 +5,9 @@ What must be kept until the round closes is only what the server step needs afte
 update: HypeMeFed's hypernetworks train on (block k, block k+1) conv pairs and then generate
 from each client's deepest conv weights, so for each update the conv weights of its blocks are
 kept (not its BatchNorm, biases or heads). Strategies that average by name (depthwise, fedavg,
-fedavg-small, heterofl) keep nothing. A strategy with a custom ``aggregate`` this module does
-not know is given the full list, as the simulator does.
+fedavg-small, heterofl, hypemefed-release with its ``contribution``) keep nothing. A strategy
+with a custom ``aggregate`` this module does not know is given the full list, as the simulator
+does.
 
 The result equals ``strategy.aggregate`` on the same updates (float64 sums in another order:
 differences far below 1e-6), which ``tests/test_mqtt_fleet.py`` checks against ``hmf
@@ -41,7 +42,8 @@ class StreamingAggregate:
         if self.custom:
             self.full.append(update)
             return
-        self.acc.add(update.state, self.strategy.weight(update))
+        self.acc.add(self.strategy.contribution(self.global_state, update),
+                     self.strategy.weight(update))
         if self.hyper:
             light = {k: v for k, v in update.state.items() if k in self.needed}
             self.kept[update.task.client] = ClientUpdate(update.task, update.num_samples, light,

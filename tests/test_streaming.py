@@ -13,6 +13,7 @@ PARTICIPANTS = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]
 
 @pytest.mark.parametrize("name,options", [
     ("depthwise", {}), ("fedavg", {}), ("heterofl", {}), ("scalefl", {}),
+    ("hypemefed-release", {}),
     ("hypemefed", {"generate": "convs"}), ("hypemefed", {"generate": "convs+bn"}),
     ("hypemefed", {"generate": "all"}),
 ])
@@ -25,6 +26,7 @@ def test_streaming_equals_aggregate_in_any_arrival_order(name, options):
     stream = StreamingAggregate(cloud, g, [u.task.client for u in updates])
     for i in torch.randperm(len(updates), generator=torch.Generator().manual_seed(1)).tolist():
         stream.add(updates[i])
+    assert not stream.full  # folded in on arrival, not held as a list
     got, stream_metrics = stream.finish(1)
     assert got.keys() == expected.keys()
     for k in expected:

@@ -59,10 +59,14 @@ class Strategy:
     def weight(self, update: ClientUpdate) -> float:
         return float(update.num_samples) if self.weighting == "samples" else 1.0
 
+    def contribution(self, global_state: State, update: ClientUpdate) -> State:
+        """The tensors ``update`` adds to the average: by default what it trained."""
+        return update.state
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
                   ) -> tuple[State, dict[str, Any]]:
         """New global state from this round's updates, and metrics worth logging."""
-        contributions = [(u.state, self.weight(u)) for u in updates]
+        contributions = [(self.contribution(global_state, u), self.weight(u)) for u in updates]
         return average_states(global_state, contributions), {}
 
     def calibrate(self, state: State, batches: Iterable[torch.Tensor]) -> State:

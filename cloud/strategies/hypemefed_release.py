@@ -9,24 +9,15 @@ statistics become a running average across rounds instead of the last round's tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from cloud.aggregation import average_states
 from cloud.strategies.base import ClientUpdate, Strategy
 from common.models import State
-
-
-def with_stale_tensors(global_state: State, trained: State) -> State:
-    """A client's update as the release averages it: what it trained, the global rest."""
-    return {**global_state, **trained}
 
 
 @dataclass
 class HypeMeFedRelease(Strategy):
     name: str = field(default="hypemefed-release", init=False)
 
-    def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
-                  ) -> tuple[State, dict[str, Any]]:
-        contributions = [(with_stale_tensors(global_state, u.state), self.weight(u))
-                         for u in updates]
-        return average_states(global_state, contributions), {}
+    def contribution(self, global_state: State, update: ClientUpdate) -> State:
+        """What it trained, and the global model's tensors for the rest (stale)."""
+        return {**global_state, **update.state}

@@ -66,6 +66,8 @@ def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
     assert {f"{setting}/hypemefed-release/s{s}" for setting in acc.SETTINGS
             for s in acc.SEEDS} <= names
     assert not any("release" in n for n in core)
+    assert {f"{setting}/hypemefed-release-sbn/s{s}" for setting in acc.SETTINGS
+            if setting not in acc.TIERED_SETTINGS for s in acc.SEEDS} <= names
     assert {f"hapt-subject/hypemefed-gate-sbn/s{s}" for s in acc.SEEDS} <= names
     rank8 = "hapt-subject/hypemefed-rank8/s"
     assert rank8 + "0" in names and rank8 + "1" not in names

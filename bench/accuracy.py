@@ -83,6 +83,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # the gate with BatchNorm statistics recomputed for the new global model (see STATIC_BN)
     "gate-sbn": dict(hypernet_gate=True, static_bn=True),
 }
+# the paper's other answer to an open choice (method.md): a shallow client adds the global
+# model's value for the deep tensors it neither trained nor got generated, as the release does
+UNTRAINED_GLOBAL = dict(untrained="global")
 # What perfect generation could reach: every participant trains the full model (fedavg with all
 # clients in tier 3), as if the hypernetworks produced exactly the deep blocks the shallow
 # participants would have trained. Same partitions, participants per round and local training.
@@ -159,6 +162,7 @@ def _extras(seed: int, setting: str) -> list[Run]:
     runs.append(Run(setting, "hypemefed-release", seed))  # what the paper's numbers measured
     if setting not in TIERED_SETTINGS:  # does its gain come from the stale BN statistics?
         runs.append(Run(setting, "hypemefed-release", seed, "sbn", STATIC_BN))
+        runs.append(Run(setting, "hypemefed", seed, "untrained-global", UNTRAINED_GLOBAL))
     if setting in TIERED_SETTINGS:  # only generated heads can carry tier 1's classes
         runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))
     if setting == ABLATION_SETTING:

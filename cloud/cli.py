@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cloud.config import GENERATE, PRESETS
+from cloud.config import GENERATE, PRESETS, UNTRAINED
 from cloud.federation import TIER_BY
 from cloud.options import hypernet_gate, hypernet_reset, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
@@ -66,6 +66,9 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @hypernet_gate
 @setting("generate", "What the hypernetworks generate for shallow clients.",
          type=click.Choice(list(GENERATE)))
+@setting("untrained", "What a shallow client adds for a deep tensor it neither trained nor got "
+         "generated: nothing, or the global model's value (the authors' release).",
+         type=click.Choice(list(UNTRAINED)))
 @setting("rounds", "Rounds.", type=int)
 @setting("clients", "Clients in the federation.", type=int)
 @setting("participants", "Participants per round.", type=int)

@@ -14,6 +14,9 @@ from typing import Any
 import tomllib
 
 GENERATE = ("convs", "convs+bn", "all")  # what HypeMeFed's hypernetworks may generate
+# what a shallow client adds to HypeMeFed's average for a deep tensor it neither trained nor got
+# generated: nothing ("skip": averaged over those that have it), or the global model's value
+UNTRAINED = ("skip", "global")
 
 
 @dataclass
@@ -31,6 +34,7 @@ class RunConfig:
     hypernet_reset: bool = False  # re-initialise the hypernetworks every round
     hypernet_gate: bool = False  # generate only where it beats the trainers' mean out of sample
     generate: str = "convs"  # what the hypernetworks generate: convs, convs+bn or all
+    untrained: str = "skip"  # see UNTRAINED
     rounds: int = 15
     clients: int = 30
     participants: int = 6
@@ -55,6 +59,9 @@ class RunConfig:
         if self.generate not in GENERATE:
             raise ValueError(f"generate must be one of {', '.join(GENERATE)}, "
                              f"got {self.generate!r}")
+        if self.untrained not in UNTRAINED:
+            raise ValueError(f"untrained must be one of {', '.join(UNTRAINED)}, "
+                             f"got {self.untrained!r}")
         if self.participants > self.clients:
             raise ValueError(f"participants ({self.participants}) exceeds clients ({self.clients})")
 

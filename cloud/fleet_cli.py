@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from cloud.config import GENERATE, PRESETS
+from cloud.config import GENERATE, PRESETS, UNTRAINED
 from cloud.federation import TIER_BY
 from cloud.options import hypernet_gate, hypernet_reset, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
@@ -54,6 +54,8 @@ def _run_options(f):
         hypernet_reset,
         hypernet_gate,
         setting("generate", "What the hypernetworks generate.", type=click.Choice(list(GENERATE))),
+        setting("untrained", "What a shallow client adds for deep tensors neither trained nor "
+                "generated.", type=click.Choice(list(UNTRAINED))),
         setting("rounds", "Rounds.", type=int),
         setting("participants", "Participants per round.", type=int),
         setting("tier-mix", "Fractions of tiers 1,2,3 among participants."),

@@ -33,7 +33,8 @@ def strategy_for(cfg: RunConfig) -> Strategy:
                           lr=cfg.hypernet_lr, ridge=cfg.hypernet_ridge,
                           sweeps=cfg.hypernet_sweeps, reset=cfg.hypernet_reset,
                           gate=cfg.hypernet_gate,
-                          generate=cfg.generate, seed=cfg.seed, device=cfg.device, **extra)
+                          generate=cfg.generate, untrained=cfg.untrained, seed=cfg.seed,
+                          device=cfg.device, **extra)
 
 
 def initial_state(cfg: RunConfig) -> State:

@@ -72,6 +72,8 @@ def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
     rank8 = "hapt-subject/hypemefed-rank8/s"
     assert rank8 + "0" in names and rank8 + "1" not in names
     by_name = {r.name: r for r in runs}
+    assert acc.run_config(by_name["cifar10-dir1.0/hypemefed-untrained-global/s2"], "cpu", "cpu",
+                          None)["untrained"] == "global"
     cfg = acc.run_config(by_name["hapt-dir0.1/fedavg/s1"], "cpu", "cpu", None)
     assert cfg["rounds"] == acc.CPU_ROUNDS_AT_ALPHA_01 and cfg["seed"] == 1
     assert acc.run_config(by_name["hapt-subject/fedavg/s0"], "cpu", "cpu", None)["rounds"] == 15

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cloud.checkpoint import load_checkpoint, save_checkpoint
+from cloud.config import RunConfig
 from cloud.strategies import STRATEGIES, ClientTask, ClientUpdate, build_strategy
 from cloud.strategies.heterofl import tier_width_fractions
 from cloud.strategies.hypemefed import transitions
@@ -229,14 +230,13 @@ def test_generate_setting_is_validated_and_convs_come_first():
 
 
 def test_run_config_reaches_the_strategy():
-    from cloud.config import RunConfig
     from cloud.simulation import strategy_for
 
     cfg = RunConfig(hypernet_reset=True, generate="convs+bn", hypernet_ridge=0.5,
-                    hypernet_sweeps=2, hypernet_epochs=3, rank=7, hidden=16)
+                    hypernet_sweeps=2, hypernet_epochs=3, rank=7, hidden=16, untrained="global")
     s = strategy_for(cfg)
-    assert (s.reset, s.generate, s.ridge, s.sweeps, s.epochs, s.rank, s.hidden) == (
-        True, "convs+bn", 0.5, 2, 3, 7, 16)
+    assert (s.reset, s.generate, s.ridge, s.sweeps, s.epochs, s.rank, s.hidden, s.untrained) == (
+        True, "convs+bn", 0.5, 2, 3, 7, 16, "global")
     with pytest.raises(ValueError, match="generate"):
         RunConfig(generate="heads")
 
@@ -250,7 +250,8 @@ def test_simulate_flags_for_the_ablations():
     cfg = resolve_flags(None, None, {"hypernet_reset": True, "generate": "all", "rank": None})
     assert cfg.hypernet_reset and cfg.generate == "all" and cfg.rank == 100
     help_text = CliRunner().invoke(hmf, ["simulate", "--help"]).output
-    for flag in ("--hypernet-reset", "--generate", "--hypernet-ridge", "--hypernet-sweeps"):
+    for flag in ("--hypernet-reset", "--generate", "--hypernet-ridge", "--hypernet-sweeps",
+                 "--untrained"):
         assert flag in help_text
     res = CliRunner().invoke(hmf, ["simulate", "--generate", "heads"])
     assert res.exit_code == 2 and "convs+bn" in res.output
@@ -318,3 +319,41 @@ def test_hypemefed_release_averages_stale_global_tensors_of_shallow_clients():
     new, _ = weighted.aggregate(g, [u1, u3], 1)
     name = "blocks.2.conv1.weight"
     torch.testing.assert_close(new[name], (30 * g[name] + 10 * u3.state[name]) / 40)
+
+
+PARTICIPANTS = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]
+
+
+def test_hypemefed_untrained_global_with_the_gate_shut_is_the_release():
+    """Round 1: the gate is shut (no hypernetwork trained yet), so nothing is generated and a
+    shallow client's every missing tensor is the global one: the release's aggregate."""
+    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, gate=True, untrained="global")
+    g = fresh_state(0)
+    ups = [update(s, g, c, t, 30 + c) for c, t in PARTICIPANTS]
+    new, metrics = s.aggregate(g, ups, 1)
+    assert metrics["generated_tensors"] == 0
+    release, _ = build_strategy("hypemefed-release", MODEL).aggregate(g, ups, 1)
+    for k in g:
+        torch.testing.assert_close(new[k], release[k], rtol=1e-6, atol=1e-7, msg=k)
+    skip, _ = build_strategy("hypemefed", MODEL, rank=8, hidden=32, gate=True).aggregate(g, ups, 1)
+    assert not torch.allclose(skip["blocks.2.conv1.weight"], new["blocks.2.conv1.weight"])
+
+
+def test_hypemefed_untrained_global_keeps_generated_convs_and_fills_the_rest():
+    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, untrained="global")
+    g = fresh_state(0)
+    ups = [update(s, g, c, t, 30 + c) for c, t in PARTICIPANTS]
+    new, metrics = s.aggregate(g, ups, 1)
+    assert metrics["generated_tensors"] > 0
+    deep = [u.state for u in ups if u.task.tier == 3]
+    for name in ("blocks.2.bn1.running_var", "heads.2.fc.weight", "blocks.2.conv1.bias"):
+        torch.testing.assert_close(new[name], (4 * g[name] + sum(d[name] for d in deep)) / 6)
+    name = "blocks.2.conv1.weight"  # 4 generated + 2 trained, the global one nowhere
+    with torch.no_grad():
+        gen = [s.generator_for(name).eval()(s.generator_for("blocks.1.conv1.weight").eval()(
+            u.state["blocks.0.conv1.weight"])) if u.task.tier == 1
+            else s.generator_for(name).eval()(u.state["blocks.1.conv1.weight"])
+            for u in ups if u.task.tier < 3]
+    torch.testing.assert_close(new[name], (sum(gen) + sum(d[name] for d in deep)) / 6)
+    with pytest.raises(ValueError, match="untrained must be one of"):
+        RunConfig(untrained="zeros")

@@ -23,6 +23,12 @@ keeping them, as the paper does, across rounds.
 
 A hypernetwork that has not been trained (this round, with ``reset``) generates nothing: its
 output would be noise.
+
+``untrained``: what a shallow client adds to the average for a deep tensor it neither trained
+nor got generated (an open choice of the paper, method.md): nothing (``skip``, the default: each
+tensor is averaged over the clients that trained or generated it), or the global model's value
+(``global``). With ``global`` and no tensor generated (the gate shut) the aggregate is
+``hypemefed-release``'s, what the authors' release computes.
 """
 
 from __future__ import annotations
@@ -139,12 +145,14 @@ class HypeMeFed(Strategy):
     reset: bool = False  # re-initialise the hypernetworks every round
     gate: bool = False  # generate only where it beats the trainers' mean out of sample
     generate: str = "convs"  # or "convs+bn", "all"
+    untrained: str = "skip"  # or "global" (module docstring)
     seed: int = 0
     device: str = "cpu"  # where the hypernetworks train; states stay on the CPU
     name: str = field(default="hypemefed", init=False)
 
     def __post_init__(self) -> None:
         self.mappings = mappings(self.generate)
+        self.generated_names = {n for m in self.mappings for n in m.targets}
         self.shapes = {k: tuple(v.shape) for k, v in build_model(self.model).state_dict().items()}
         self.initialise()
 
@@ -242,11 +250,20 @@ class HypeMeFed(Strategy):
                 known[name] = generated[name] = value.cpu()  # chained inputs: one device
         return generated
 
+    def contribution(self, global_state: State, update: ClientUpdate) -> State:
+        """What it trained; with ``untrained="global"`` also the global value of every tensor it
+        lacks that no hypernetwork generates (those are settled in ``add_generated``)."""
+        if self.untrained == "skip":
+            return update.state
+        stale = {k: v for k, v in global_state.items()
+                 if k not in update.state and k not in self.generated_names}
+        return {**stale, **update.state}
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
                   ) -> tuple[State, dict[str, Any]]:
         acc = RunningMean(global_state)
         for u in updates:
-            acc.add(u.state, self.weight(u))
+            acc.add(self.contribution(global_state, u), self.weight(u))
         metrics = self.add_generated(acc, updates, server_round)
         return acc.result(), metrics
 
@@ -260,8 +277,11 @@ class HypeMeFed(Strategy):
         generated = 0
         for u in updates:
             extra = self.generate_missing(u.state)
-            acc.add(extra, self.weight(u))
             generated += len(extra)
+            if self.untrained == "global":  # what could have been generated but was not
+                extra |= {k: acc.reference[k] for k in self.generated_names
+                          if k not in u.state and k not in extra}
+            acc.add(extra, self.weight(u))
         metrics["hypernet_s"] = time.perf_counter() - start
         metrics["generated_tensors"] = generated
         untrained = [t for t, n in metrics["hypernet_pairs"].items() if n == 0]

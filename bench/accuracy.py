@@ -86,6 +86,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # the paper's other answer to an open choice (method.md): a shallow client adds the global
 # model's value for the deep tensors it neither trained nor got generated, as the release does
 UNTRAINED_GLOBAL = dict(untrained="global")
+# with the gate too, a conv the hypernetwork does not beat the global tensor on is the global
+# tensor: the release's aggregate whenever the gate is shut; with static BN as the best runs
+GATE_GLOBAL_SBN = dict(hypernet_gate=True, untrained="global", static_bn=True)
 # What perfect generation could reach: every participant trains the full model (fedavg with all
 # clients in tier 3), as if the hypernetworks produced exactly the deep blocks the shallow
 # participants would have trained. Same partitions, participants per round and local training.
@@ -163,6 +166,7 @@ def _extras(seed: int, setting: str) -> list[Run]:
     if setting not in TIERED_SETTINGS:  # does its gain come from the stale BN statistics?
         runs.append(Run(setting, "hypemefed-release", seed, "sbn", STATIC_BN))
         runs.append(Run(setting, "hypemefed", seed, "untrained-global", UNTRAINED_GLOBAL))
+        runs.append(Run(setting, "hypemefed", seed, "gate-global-sbn", GATE_GLOBAL_SBN))
     if setting in TIERED_SETTINGS:  # only generated heads can carry tier 1's classes
         runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))
     if setting == ABLATION_SETTING:

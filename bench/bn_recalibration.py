@@ -27,17 +27,17 @@ import numpy as np
 import torch
 from generation_error import run_config  # bench/ is on the path as a script's folder
 
+from cloud.aggregation import static_bn_statistics
 from cloud.checkpoint import load_checkpoint
 from cloud.evaluation import evaluate
 from cloud.simulation import Simulation
-from common.calibration import batches, bn_statistics
+from common.calibration import batches
 from common.models import State
 
 
 def round_batches(sim: Simulation, server_round: int):
     """The batches static BN runs through the model after ``server_round``."""
-    return sim.participant_batches(
-        sim.strategy.tasks(sim.fed.participants(sim.cfg.seed, server_round)))
+    return sim.participant_batches(sim.tasks(server_round))
 
 
 def federation_batches(sim: Simulation):
@@ -46,7 +46,7 @@ def federation_batches(sim: Simulation):
 
 
 def recalibrated(sim: Simulation, state: State, data) -> State:
-    return {**state, **bn_statistics(sim.cfg.model, state, data)}
+    return static_bn_statistics(sim.cfg.model, state, data)
 
 
 def scores(sim: Simulation, state: State) -> dict[str, float | None]:

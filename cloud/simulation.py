@@ -68,6 +68,10 @@ class Simulation:
                                    seed_of(self.cfg.seed, 5, server_round, task.client))
         return ClientUpdate(task, len(idx), trained, loss)
 
+    def tasks(self, server_round: int) -> list[ClientTask]:
+        """What this round's participants train."""
+        return self.strategy.tasks(self.fed.participants(self.cfg.seed, server_round))
+
     def participant_batches(self, tasks: list[ClientTask]) -> Iterator[torch.Tensor]:
         """Each participant's train data in order, in consecutive batches: what a fleet's device
         runs through the model for static BN (``common.calibration.bn_statistics``)."""
@@ -76,7 +80,7 @@ class Simulation:
 
     def round(self, global_state: State, server_round: int) -> tuple[State, dict[str, Any]]:
         start = time.perf_counter()
-        tasks = self.strategy.tasks(self.fed.participants(self.cfg.seed, server_round))
+        tasks = self.tasks(server_round)
         updates, down = [], 0
         for task in tasks:
             down += state_bytes(self.strategy.submodel(global_state, task)[1])

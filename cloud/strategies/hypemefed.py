@@ -284,9 +284,9 @@ class HypeMeFed(Strategy):
             acc.add(extra, self.weight(u))
         metrics["hypernet_s"] = time.perf_counter() - start
         metrics["generated_tensors"] = generated
-        untrained = [t for t, n in metrics["hypernet_pairs"].items() if n == 0]
-        if untrained:
-            metrics["note"] = ("no participant trained both blocks for " + ", ".join(untrained)
+        unpaired = [t for t, n in metrics["hypernet_pairs"].items() if n == 0]
+        if unpaired:
+            metrics["note"] = ("no participant trained both blocks for " + ", ".join(unpaired)
                                + ": those hypernetworks were not trained this round")
         return metrics
 

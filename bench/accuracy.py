@@ -89,6 +89,10 @@ UNTRAINED_GLOBAL = dict(untrained="global")
 # with the gate too, a conv the hypernetwork does not beat the global tensor on is the global
 # tensor: the release's aggregate whenever the gate is shut; with static BN as the best runs
 GATE_GLOBAL_SBN = dict(hypernet_gate=True, untrained="global", static_bn=True)
+# does generation add anything on top of the release's stale averaging? Hypernetworks on the
+# deviations from the global model: predicting no deviation gives the release's aggregate
+RESIDUAL_GLOBAL = dict(hypernet_residual=True, untrained="global")
+RESIDUAL_GLOBAL_SBN = dict(RESIDUAL_GLOBAL, static_bn=True)
 # What perfect generation could reach: every participant trains the full model (fedavg with all
 # clients in tier 3), as if the hypernetworks produced exactly the deep blocks the shallow
 # participants would have trained. Same partitions, participants per round and local training.
@@ -167,6 +171,8 @@ def _extras(seed: int, setting: str) -> list[Run]:
         runs.append(Run(setting, "hypemefed-release", seed, "sbn", STATIC_BN))
         runs.append(Run(setting, "hypemefed", seed, "untrained-global", UNTRAINED_GLOBAL))
         runs.append(Run(setting, "hypemefed", seed, "gate-global-sbn", GATE_GLOBAL_SBN))
+        runs.append(Run(setting, "hypemefed", seed, "residual-global", RESIDUAL_GLOBAL))
+        runs.append(Run(setting, "hypemefed", seed, "residual-global-sbn", RESIDUAL_GLOBAL_SBN))
     if setting in TIERED_SETTINGS:  # only generated heads can carry tier 1's classes
         runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))
     if setting == ABLATION_SETTING:

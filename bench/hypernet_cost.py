@@ -218,7 +218,7 @@ class AuthorsStep:
                            for t, h in self.hypernets.items()}
         self.epochs, self.svd_once, self.trained = epochs, svd_once, set()
 
-    def train(self, updates: list[ClientUpdate], server_round: int) -> None:
+    def train(self, updates: list[ClientUpdate], server_round: int, start: State) -> None:
         order = torch.Generator().manual_seed(server_round)
         for s, t in transitions():
             both = [u.state for u in updates if s in u.state and t in u.state]
@@ -241,7 +241,7 @@ class AuthorsStep:
                 opt.step()
 
     @torch.no_grad()
-    def generate(self, state: State) -> State:
+    def generate(self, state: State, start: State) -> State:
         known, out = dict(state), {}
         for s, t in transitions():
             if t not in known and s in known and t in self.trained:
@@ -264,11 +264,11 @@ class ProductionStep:
     def __init__(self, model: str, **options: Any) -> None:
         self.strategy = HypeMeFed(model=model, **options)
 
-    def train(self, updates: list[ClientUpdate], server_round: int) -> None:
-        self.strategy.train_hypernets(updates, server_round)
+    def train(self, updates: list[ClientUpdate], server_round: int, start: State) -> None:
+        self.strategy.train_hypernets(updates, server_round, start)
 
-    def generate(self, state: State) -> State:
-        return self.strategy.generate_missing(state)
+    def generate(self, state: State, start: State) -> State:
+        return self.strategy.generate_missing(state, start)
 
     def generator_for(self, target: str) -> torch.nn.Module:
         return self.strategy.generator_for(target)
@@ -300,13 +300,13 @@ VARIANTS = {v.name: v for v in (
 
 
 def run_round(step: Any, rnd: dict[str, Any], server_round: int) -> tuple[float, float]:
-    """(training s, generation s) of one round."""
+    """(training s, generation s) of one round; ``start``: the round's global convs."""
     updates = participant_updates(rnd["clients"])
     start = time.perf_counter()
-    step.train(updates, server_round)
+    step.train(updates, server_round, rnd["global"])
     trained = time.perf_counter()
     for u in updates:
-        step.generate(u.state)
+        step.generate(u.state, rnd["global"])
     return trained - start, time.perf_counter() - trained
 
 

@@ -33,6 +33,7 @@ class RunConfig:
     hypernet_sweeps: int = 5  # closed-form solve's alternations; 0: Adam only
     hypernet_reset: bool = False  # re-initialise the hypernetworks every round
     hypernet_gate: bool = False  # generate only where it beats the trainers' mean out of sample
+    hypernet_residual: bool = False  # map deviations from the global model, not weights
     generate: str = "convs"  # what the hypernetworks generate: convs, convs+bn or all
     untrained: str = "skip"  # see UNTRAINED
     rounds: int = 15

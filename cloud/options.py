@@ -40,6 +40,13 @@ hypernet_gate = click.option(
     "[default: off, as the paper]")
 
 
+hypernet_residual = click.option(
+    "--hypernet-residual/--no-hypernet-residual", default=None,
+    help="Hypernetworks map a client's deviation from the global model in block k to its "
+    "deviation in block k+1; generated = global + predicted deviation (an ablation). "
+    "[default: off: weights to weights, as the paper]")
+
+
 def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, Any],
                   extra: dict[str, Any] | None = None) -> RunConfig:
     """RunConfig from --preset, --config and the flags given (None = not given)."""

@@ -32,7 +32,7 @@ def strategy_for(cfg: RunConfig) -> Strategy:
                           rank=cfg.rank, hidden=cfg.hidden, epochs=cfg.hypernet_epochs,
                           lr=cfg.hypernet_lr, ridge=cfg.hypernet_ridge,
                           sweeps=cfg.hypernet_sweeps, reset=cfg.hypernet_reset,
-                          gate=cfg.hypernet_gate,
+                          gate=cfg.hypernet_gate, residual=cfg.hypernet_residual,
                           generate=cfg.generate, untrained=cfg.untrained, seed=cfg.seed,
                           device=cfg.device, **extra)
 

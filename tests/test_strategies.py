@@ -233,10 +233,11 @@ def test_run_config_reaches_the_strategy():
     from cloud.simulation import strategy_for
 
     cfg = RunConfig(hypernet_reset=True, generate="convs+bn", hypernet_ridge=0.5,
-                    hypernet_sweeps=2, hypernet_epochs=3, rank=7, hidden=16, untrained="global")
+                    hypernet_sweeps=2, hypernet_epochs=3, rank=7, hidden=16, untrained="global",
+                    hypernet_residual=True)
     s = strategy_for(cfg)
-    assert (s.reset, s.generate, s.ridge, s.sweeps, s.epochs, s.rank, s.hidden, s.untrained) == (
-        True, "convs+bn", 0.5, 2, 3, 7, 16, "global")
+    assert (s.reset, s.generate, s.ridge, s.sweeps, s.epochs, s.rank, s.hidden, s.untrained,
+            s.residual) == (True, "convs+bn", 0.5, 2, 3, 7, 16, "global", True)
     with pytest.raises(ValueError, match="generate"):
         RunConfig(generate="heads")
 
@@ -251,7 +252,7 @@ def test_simulate_flags_for_the_ablations():
     assert cfg.hypernet_reset and cfg.generate == "all" and cfg.rank == 100
     help_text = CliRunner().invoke(hmf, ["simulate", "--help"]).output
     for flag in ("--hypernet-reset", "--generate", "--hypernet-ridge", "--hypernet-sweeps",
-                 "--untrained"):
+                 "--untrained", "--hypernet-residual"):
         assert flag in help_text
     res = CliRunner().invoke(hmf, ["simulate", "--generate", "heads"])
     assert res.exit_code == 2 and "convs+bn" in res.output
@@ -357,3 +358,54 @@ def test_hypemefed_untrained_global_keeps_generated_convs_and_fills_the_rest():
     torch.testing.assert_close(new[name], (sum(gen) + sum(d[name] for d in deep)) / 6)
     with pytest.raises(ValueError, match="untrained must be one of"):
         RunConfig(untrained="zeros")
+
+
+def deviations(state, origin):
+    return {k: v - origin[k] if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_hypemefed_residual_maps_deviations_and_generates_global_plus_prediction():
+    """With ``residual`` the hypernetworks are those a plain HypeMeFed fits to the clients'
+    deviations from the global model, and a generated conv is the global one plus the predicted
+    deviation, chained for tier 1."""
+    s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, residual=True)
+    plain = build_strategy("hypemefed", MODEL, rank=8, hidden=32)
+    g = fresh_state(0)
+    ups = [update(s, g, c, t, 30 + c) for c, t in PARTICIPANTS]
+    new, metrics = s.aggregate(g, ups, 1)
+    assert metrics["generated_tensors"] == 2 * 4 + 2 * 2  # 2 convs: blocks 2-3 tier 1, 3 tier 2
+    plain.train_hypernets([ClientUpdate(u.task, u.num_samples, deviations(u.state, g))
+                           for u in ups], 1, g)
+    for key, h in s.hypernets.items():
+        for a, b in zip(h.parameters(), plain.hypernets[key].parameters(), strict=True):
+            torch.testing.assert_close(a, b, msg=key)
+    b1, b2, b3 = (f"blocks.{i}.conv1.weight" for i in range(3))
+    with torch.no_grad():
+        h2, h3 = s.generator_for(b2).eval(), s.generator_for(b3).eval()
+        gen = []
+        for u in ups:
+            if u.task.tier == 1:
+                block2 = g[b2] + h2(u.state[b1] - g[b1])
+                gen.append(g[b3] + h3(block2 - g[b2]))
+            elif u.task.tier == 2:
+                gen.append(g[b3] + h3(u.state[b2] - g[b2]))
+    trained = [u.state[b3] for u in ups if u.task.tier == 3]
+    torch.testing.assert_close(new[b3], (sum(gen) + sum(trained)) / 6)
+    weights, _ = build_strategy("hypemefed", MODEL, rank=8, hidden=32).aggregate(g, ups, 1)
+    assert not torch.allclose(weights[b3], new[b3])
+
+
+def test_hypemefed_residual_gate_judges_weights_not_deviations():
+    """The gate's references (the other trainers' mean, the global tensor) are errors of the
+    weights, so they do not depend on ``residual``; only the generated error does."""
+    g = fresh_state(0)
+    verdicts = []
+    for residual in (False, True):
+        s = build_strategy("hypemefed", MODEL, rank=8, hidden=32, gate=True, residual=residual)
+        s.aggregate(g, [update(s, g, c, t, 30 + c) for c, t in PARTICIPANTS], 1)
+        _, metrics = s.aggregate(g, [update(s, g, c, t, 50 + c) for c, t in PARTICIPANTS], 2)
+        verdicts.append(metrics["hypernet_gate"]["blocks.2.conv1.weight"])
+    plain, residual = verdicts
+    assert plain["mean_err"] == pytest.approx(residual["mean_err"])
+    assert plain["global_err"] == pytest.approx(residual["global_err"])
+    assert plain["generated_err"] != pytest.approx(residual["generated_err"])

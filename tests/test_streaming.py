@@ -16,6 +16,7 @@ PARTICIPANTS = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]
     ("hypemefed-release", {}),
     ("hypemefed", {"generate": "convs"}), ("hypemefed", {"generate": "convs+bn"}),
     ("hypemefed", {"generate": "all"}), ("hypemefed", {"untrained": "global"}),
+    ("hypemefed", {"residual": True, "untrained": "global"}),
 ])
 def test_streaming_equals_aggregate_in_any_arrival_order(name, options):
     simulator, cloud = (build_strategy(name, MODEL, seed=3, **options) for _ in range(2))

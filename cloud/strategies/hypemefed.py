@@ -18,6 +18,15 @@ What is generated (``generate``, an ablation; the paper generates convs only):
 - ``all``: also exit heads: head k+1's linear layer from head k's, one small MLP applied to
   every class's row (weights and bias), so its size does not grow with the number of classes.
 
+``residual``: map deviations from the global model instead of weights: the hypernetwork learns
+block k+1's deviation (client minus the global model it started from) from block k's, and a
+generated tensor is the global one plus the predicted deviation. A hypernetwork that predicts
+nothing then generates the global tensor (what a shallow client holds) instead of noise; it is
+how to ask whether generation adds anything on top of the authors' release's stale averaging
+(with ``untrained="global"``, the same aggregate whenever the predicted deviation is zero).
+The paper maps weights; this is an ablation. Relative errors in the metrics are then of the
+deviation.
+
 ``reset``: re-initialise the hypernetworks (same seed) at the start of every round instead of
 keeping them, as the paper does, across rounds.
 
@@ -125,12 +134,18 @@ def unpack(mapping: Mapping, out: torch.Tensor) -> State:
     return {mapping.targets[0]: out[..., :-1], mapping.targets[1]: out[..., -1]}
 
 
-def training_pairs(updates: list[ClientUpdate], mapping: Mapping, device: str = "cpu"
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Packed source and target of every client that holds all of both."""
+def training_pairs(updates: list[ClientUpdate], mapping: Mapping, device: str = "cpu",
+                   origin: State | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Packed source and target of every client that holds all of both; with ``origin``, their
+    deviations from ``origin``'s."""
     both = [u for u in updates if all(n in u.state for n in mapping.sources + mapping.targets)]
-    return ([pack(mapping, u.state, mapping.sources).to(device) for u in both],
-            [pack(mapping, u.state, mapping.targets).to(device) for u in both])
+
+    def packed(state: State, names: tuple[str, ...]) -> torch.Tensor:
+        value = pack(mapping, state, names)
+        return (value if origin is None else value - pack(mapping, origin, names)).to(device)
+
+    return ([packed(u.state, mapping.sources) for u in both],
+            [packed(u.state, mapping.targets) for u in both])
 
 
 @dataclass
@@ -144,6 +159,7 @@ class HypeMeFed(Strategy):
     sweeps: int = SWEEPS  # 0: Adam only, no closed-form solve
     reset: bool = False  # re-initialise the hypernetworks every round
     gate: bool = False  # generate only where it beats the trainers' mean out of sample
+    residual: bool = False  # map deviations from the global model, not weights
     generate: str = "convs"  # or "convs+bn", "all"
     untrained: str = "skip"  # or "global" (module docstring)
     seed: int = 0
@@ -192,11 +208,12 @@ class HypeMeFed(Strategy):
             self.initialise()
         pairs, losses, errors, gates = {}, {}, {}, {}
         self.gate_open = {}
+        origin = global_state if self.residual else None
         for m in self.mappings:
-            sources, targets = training_pairs(updates, m, self.device)
+            sources, targets = training_pairs(updates, m, self.device, origin)
             pairs[m.name] = len(sources)
             if self.gate:
-                previous = pack(m, global_state, m.targets)
+                previous = pack(m, global_state, m.targets).to(self.device)
                 gates[m.name] = self.out_of_sample_check(m, sources, targets, previous)
                 self.gate_open[m.key] = gates[m.name]["open"]
             if sources:
@@ -218,12 +235,15 @@ class HypeMeFed(Strategy):
         target, the mean of the *other* trainers' targets (what the trained-only average gives
         a shallow client's block) and ``previous``, the global model's tensor (what the client
         holds). A generated tensor can only help the aggregate if it beats both; with fewer
-        than two pairs, or never trained, the gate stays shut."""
+        than two pairs, or never trained, the gate stays shut. ``sources`` and ``targets`` are
+        as the hypernetwork sees them (deviations from ``previous``'s model with ``residual``);
+        the errors are of the weights."""
         if len(targets) < 2 or not self.rounds_trained[m.key]:
             return {"open": False, "generated_err": None, "mean_err": None, "global_err": None}
-        t = torch.stack(targets).flatten(1)
         hnet = self.hypernets[m.key].eval()
-        gen = torch.stack([hnet(s) for s in sources]).flatten(1)
+        base = previous if self.residual else 0
+        t = (torch.stack(targets) + base).flatten(1)
+        gen = (torch.stack([hnet(s) for s in sources]) + base).flatten(1)
         others = (t.sum(0, keepdim=True) - t) / (len(t) - 1)
         norm = t.norm(dim=1)
 
@@ -236,9 +256,9 @@ class HypeMeFed(Strategy):
                 "mean_err": mean_err, "global_err": global_err}
 
     @torch.no_grad()
-    def generate_missing(self, state: State) -> State:
+    def generate_missing(self, state: State, global_state: State) -> State:
         """The tensors ``state`` lacks that the hypernetworks generate, chained from its deepest
-        block."""
+        block (``global_state``: the model the round started from, for ``residual``)."""
         known, generated = dict(state), {}
         for m in self.mappings:
             if (m.targets[0] in known or not all(n in known for n in m.sources)
@@ -246,7 +266,13 @@ class HypeMeFed(Strategy):
                     or (self.gate and not self.gate_open.get(m.key, False))):
                 continue
             hnet = self.hypernets[m.key].eval()
-            for name, value in unpack(m, hnet(pack(m, known, m.sources).to(self.device))).items():
+            source = pack(m, known, m.sources)
+            if self.residual:
+                source = source - pack(m, global_state, m.sources)
+            out = hnet(source.to(self.device))
+            if self.residual:
+                out = out + pack(m, global_state, m.targets).to(out)
+            for name, value in unpack(m, out).items():
                 known[name] = generated[name] = value.cpu()  # chained inputs: one device
         return generated
 
@@ -276,7 +302,7 @@ class HypeMeFed(Strategy):
         metrics = self.train_hypernets(updates, server_round, acc.reference)
         generated = 0
         for u in updates:
-            extra = self.generate_missing(u.state)
+            extra = self.generate_missing(u.state, acc.reference)
             generated += len(extra)
             if self.untrained == "global":  # what could have been generated but was not
                 extra |= {k: acc.reference[k] for k in self.generated_names

@@ -15,10 +15,11 @@ Scales (``--scale``):
         alpha 0.1, where 15 rounds leave every strategy's exit 3 at chance), local epochs
         (1 instead of 5), CIFAR-10 data (the 10,000/2,000 class-balanced subset, 20 clients
         of which 6 a round, batch 32 instead of 128). The issue's 72 runs (the default plan)
-        took 102 minutes here, two at a time; ``--extras`` adds 177 analysis runs (static BN,
+        took 102 minutes here, two at a time; ``--extras`` adds 207 analysis runs (static BN,
         label-tiered settings, the gate, Adam-trained hypernetworks, the ceiling of perfect
-        generation, the release's aggregation, ``--untrained global``). A 16-core GPU machine
-        runs 16 at a time (``bench/accuracy_gpu.sh``: 79 runs took 12.7 min on an H200).
+        generation, the release's aggregation, ``--untrained global``, residual
+        hypernetworks). A 16-core GPU machine runs 16 at a time (``bench/accuracy_gpu.sh``: 79
+        runs took 12.7 min on an H200).
   full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
         10 a round, 300 rounds, 5 local epochs, batch 128, lr 5e-4) and HAPT as UniMiB
         (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``, hours a run.

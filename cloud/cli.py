@@ -11,14 +11,7 @@ import click
 
 from cloud.config import GENERATE, PRESETS, UNTRAINED
 from cloud.federation import TIER_BY
-from cloud.options import (
-    hypernet_gate,
-    hypernet_reset,
-    hypernet_residual,
-    resolve_flags,
-    setting,
-    static_bn,
-)
+from cloud.options import hypernet_switches, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import NUM_BLOCKS, SPECS, build_model, macs_per_sample, param_count
 
@@ -69,9 +62,7 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @setting("hypernet-ridge", "Closed-form solve: pull towards last round's hypernetwork.",
          type=float)
 @setting("hypernet-sweeps", "Closed-form solve: alternations (0: Adam epochs only).", type=int)
-@hypernet_reset
-@hypernet_gate
-@hypernet_residual
+@hypernet_switches
 @setting("generate", "What the hypernetworks generate for shallow clients.",
          type=click.Choice(list(GENERATE)))
 @setting("untrained", "What a shallow client adds for a deep tensor it neither trained nor got "

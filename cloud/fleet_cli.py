@@ -12,14 +12,7 @@ import click
 
 from cloud.config import GENERATE, PRESETS, UNTRAINED
 from cloud.federation import TIER_BY
-from cloud.options import (
-    hypernet_gate,
-    hypernet_reset,
-    hypernet_residual,
-    resolve_flags,
-    setting,
-    static_bn,
-)
+from cloud.options import hypernet_switches, resolve_flags, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import SPECS
 
@@ -58,9 +51,7 @@ def _run_options(f):
         setting("hypernet-ridge", "Closed-form solve: pull towards last round's hypernetwork.",
                 type=float),
         setting("hypernet-sweeps", "Closed-form solve: alternations (0: Adam only).", type=int),
-        hypernet_reset,
-        hypernet_gate,
-        hypernet_residual,
+        hypernet_switches,
         setting("generate", "What the hypernetworks generate.", type=click.Choice(list(GENERATE))),
         setting("untrained", "What a shallow client adds for deep tensors neither trained nor "
                 "generated.", type=click.Choice(list(UNTRAINED))),

@@ -47,6 +47,11 @@ hypernet_residual = click.option(
     "[default: off: weights to weights, as the paper]")
 
 
+def hypernet_switches(f: Any) -> Any:
+    """The hypernetwork ablations' on/off flags, shared by both commands."""
+    return hypernet_reset(hypernet_gate(hypernet_residual(f)))
+
+
 def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, Any],
                   extra: dict[str, Any] | None = None) -> RunConfig:
     """RunConfig from --preset, --config and the flags given (None = not given)."""

@@ -241,7 +241,7 @@ class HypeMeFed(Strategy):
         if len(targets) < 2 or not self.rounds_trained[m.key]:
             return {"open": False, "generated_err": None, "mean_err": None, "global_err": None}
         hnet = self.hypernets[m.key].eval()
-        base = previous if self.residual else 0
+        base = previous if self.residual else 0.0  # ``offset`` of the targets
         t = (torch.stack(targets) + base).flatten(1)
         gen = (torch.stack([hnet(s) for s in sources]) + base).flatten(1)
         others = (t.sum(0, keepdim=True) - t) / (len(t) - 1)
@@ -255,6 +255,12 @@ class HypeMeFed(Strategy):
         return {"open": gen_err < min(mean_err, global_err), "generated_err": gen_err,
                 "mean_err": mean_err, "global_err": global_err}
 
+    def offset(self, m: Mapping, global_state: State, names: tuple[str, ...]
+               ) -> torch.Tensor | float:
+        """What the hypernetworks' inputs and outputs are relative to: with ``residual`` the
+        global model's packed ``names``, else nothing."""
+        return pack(m, global_state, names).to(self.device) if self.residual else 0.0
+
     @torch.no_grad()
     def generate_missing(self, state: State, global_state: State) -> State:
         """The tensors ``state`` lacks that the hypernetworks generate, chained from its deepest
@@ -266,12 +272,9 @@ class HypeMeFed(Strategy):
                     or (self.gate and not self.gate_open.get(m.key, False))):
                 continue
             hnet = self.hypernets[m.key].eval()
-            source = pack(m, known, m.sources)
-            if self.residual:
-                source = source - pack(m, global_state, m.sources)
-            out = hnet(source.to(self.device))
-            if self.residual:
-                out = out + pack(m, global_state, m.targets).to(out)
+            source = pack(m, known, m.sources).to(self.device)
+            out = (hnet(source - self.offset(m, global_state, m.sources))
+                   + self.offset(m, global_state, m.targets))
             for name, value in unpack(m, out).items():
                 known[name] = generated[name] = value.cpu()  # chained inputs: one device
         return generated

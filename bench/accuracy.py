@@ -4,7 +4,8 @@ Settings: CIFAR-10 with the svhn-sized model (model ``cifar10``, standing in for
 HAPT windows with the unimib-sized model (model ``hapt``, standing in for UniMiB SHAR), by
 subject and Dirichlet alpha 0.1 and 1.0 (CIFAR-10: Dirichlet only, it has no subjects), and
 both at alpha 0.1 with tiers following the clients' dominant label. Seeds 0-2 for hypemefed,
-depthwise and fedavg, with and without static BatchNorm; seed 0 for the other strategies; the
+depthwise and fedavg, with and without static BatchNorm; seed 0 for the other strategies (with
+``--extras`` seeds 0-2 for depthfl, scalefl and heterofl too, and depthfl with static BN); the
 HypeMeFed ablations (rank, naive vs LRF, warm vs reset hypernetworks, which tensors are
 generated, the gate) on HAPT by subject. Each run is an ordinary ``hmf simulate`` run
 directory (config.json, metrics.jsonl, checkpoint), so an interrupted benchmark resumes where
@@ -15,11 +16,11 @@ Scales (``--scale``):
         alpha 0.1, where 15 rounds leave every strategy's exit 3 at chance), local epochs
         (1 instead of 5), CIFAR-10 data (the 10,000/2,000 class-balanced subset, 20 clients
         of which 6 a round, batch 32 instead of 128). The issue's 72 runs (the default plan)
-        took 102 minutes here, two at a time; ``--extras`` adds 207 analysis runs (static BN,
-        label-tiered settings, the gate, Adam-trained hypernetworks, the ceiling of perfect
-        generation, the release's aggregation, ``--untrained global``, residual
-        hypernetworks). A 16-core GPU machine runs 16 at a time (``bench/accuracy_gpu.sh``: 79
-        runs took 12.7 min on an H200).
+        took 102 minutes here, two at a time; ``--extras`` adds 252 analysis runs (static BN,
+        label-tiered settings, the bar's baselines at every seed, the gate, Adam-trained
+        hypernetworks, the ceiling of perfect generation, the release's aggregation,
+        ``--untrained global``, residual hypernetworks). A 16-core GPU machine runs 16 at a
+        time (``bench/accuracy_gpu.sh``: 79 runs took 12.7 min on an H200).
   full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
         10 a round, 300 rounds, 5 local epochs, batch 128, lr 5e-4) and HAPT as UniMiB
         (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``, hours a run.
@@ -28,10 +29,12 @@ Scales (``--scale``):
     .venv/bin/python bench/accuracy.py report --scale cpu              # JSON, table, plots
     ONLY=cifar10- bash bench/accuracy_gpu.sh                          # on a GPU machine
 
-``report`` merges the runs it finds into bench/results/accuracy_<scale>.json (a run found
-replaces its recorded summary; runs recorded from other machines are kept; ``--fresh`` starts
-over), plots docs/img/accuracy_<scale>_*.png and rewrites the section of docs/RESULTS.md between
-its markers.
+``run`` skips runs that bench/results/accuracy_<scale>.json records as complete (made on another
+machine, or in a checkout whose run directories are gone; ``--rerun-recorded`` runs them again).
+``report`` merges the runs it finds into that record (a run found replaces its recorded summary;
+runs recorded from other machines are kept; ``--fresh`` starts over), judges the issue's bar
+from the seeds each HypeMeFed run shares with its baselines, plots docs/img/accuracy_<scale>_*.png
+and rewrites the sections of docs/RESULTS.md between its markers.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ sys.path.insert(0, str(ROOT))
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 MAIN = ("hypemefed", "depthwise", "fedavg")  # three seeds each
 OTHERS = ("fedavg-small", "heterofl", "depthfl", "scalefl")  # seed 0
+# the bar compares HypeMeFed with these at the deep exits, as mean and spread over seeds: the
+# extras run them at every seed on the untiered settings (depthfl also with static BN, which
+# scalefl and heterofl use by default, to face the static-BN HypeMeFed runs)
+BAR_BASELINES = ("depthfl", "scalefl", "heterofl")
 SEEDS = (0, 1, 2)
 # BatchNorm statistics recomputed for the new global model from participants' data every round
 # (HeteroFL's static BN, scalefl's default), given to the main strategies with every seed
@@ -160,14 +167,17 @@ def _core(seed: int, setting: str) -> list[Run]:
 
 
 def _extras(seed: int, setting: str) -> list[Run]:
-    """What the analysis of the shortfall added: static BN, the tiered settings, the gate, the
-    authors' Adam-trained hypernetwork, the ceiling of perfect generation and the authors'
-    release's effective aggregation."""
+    """What the analysis of the shortfall added: static BN, the tiered settings, the bar's
+    baselines at every seed, the gate, the authors' Adam-trained hypernetwork, the ceiling of
+    perfect generation and the authors' release's effective aggregation."""
     runs = _strategies(seed, setting) if setting in TIERED_SETTINGS else []
     if setting in CEILING_SETTINGS:
         runs.append(Run(setting, "fedavg", seed, "ceiling", CEILING))
     runs += [Run(setting, s, seed, "sbn", STATIC_BN) for s in MAIN]
     runs.append(Run(setting, "hypemefed-release", seed))  # what the paper's numbers measured
+    if setting not in TIERED_SETTINGS:
+        runs += [Run(setting, s, seed) for s in BAR_BASELINES if seed > 0]
+        runs.append(Run(setting, "depthfl", seed, "sbn", STATIC_BN))
     if setting not in TIERED_SETTINGS:  # does its gain come from the stale BN statistics?
         runs.append(Run(setting, "hypemefed-release", seed, "sbn", STATIC_BN))
         runs.append(Run(setting, "hypemefed", seed, "untrained-global", UNTRAINED_GLOBAL))
@@ -259,17 +269,34 @@ def last_line(out: Path) -> str:
         return "(no round yet)"
 
 
+def record_path(scale: str) -> Path:
+    return ROOT / "bench" / "results" / f"accuracy_{scale}.json"
+
+
+def recorded(scale: str) -> set[str]:
+    """Runs the record holds complete: made on another machine or in a checkout whose run
+    directories are gone."""
+    path = record_path(scale)
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+    return {n for n, r in runs.items() if r["rounds_done"] >= r["rounds_planned"]}
+
+
 def run_all(args: argparse.Namespace) -> None:
     work = Path(args.runs) / args.scale
     cifar = cifar_dir(args.scale, args.cifar_dir, work)
-    todo = []
+    skip = set() if args.rerun_recorded else recorded(args.scale)
+    todo, here, kept = [], 0, 0
     for run in plan(args.only, args.extras):
         cfg = run_config(run, args.scale, args.device, cifar)
-        if not finished(work / run.name, cfg["rounds"]):
+        if finished(work / run.name, cfg["rounds"]):
+            here += 1
+        elif run.name in skip:
+            kept += 1
+        else:
             todo.append((run, cfg))
-    print(f"{len(todo)} runs to do ({len(plan(args.only, args.extras)) - len(todo)} already "
-          "finished) "
-          f"in {work}, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    print(f"{len(todo)} runs to do ({here} finished in {work}, {kept} more recorded in "
+          f"{record_path(args.scale).relative_to(ROOT)}: --rerun-recorded runs them again), "
+          f"{args.jobs} at a time, {args.threads} thread(s) each", flush=True)
     start, active, done = time.time(), {}, 0
     deadline = start + args.deadline_s if args.deadline_s else None
     while todo or active:
@@ -414,6 +441,79 @@ def table(result: dict[str, Any], late: bool = False) -> str:
     return "\n".join(lines)
 
 
+# The issue's bar: HypeMeFed's exit 3 at least BAR_POINTS above fedavg's at alpha 0.1, and above
+# depthwise, depthfl and scalefl at the deepest exits tier-1 and tier-2 clients run (1 and 2).
+# Each HypeMeFed run faces the baselines of its own BatchNorm regime: static BN against static BN.
+BAR_POINTS = 5.0
+BAR_FACES = {
+    "hypemefed": ("fedavg", "depthwise", "depthfl", "scalefl"),
+    "hypemefed-sbn": ("fedavg-sbn", "depthwise-sbn", "depthfl-sbn", "scalefl"),
+    # the one configuration found to win: the gate shut, stale global convs (RESULTS.md)
+    "hypemefed-gate-global-sbn": ("fedavg-sbn", "depthwise-sbn", "depthfl-sbn", "scalefl"),
+}
+BAR_EXITS = ("1", "2")  # tier 1's and tier 2's deepest exits
+
+
+def paired_points(runs: dict[str, dict[str, Any]], setting: str, a: str, b: str,
+                  exit_: str) -> list[float]:
+    """Per seed both strategies ran, a's final global accuracy at ``exit_`` minus b's, in
+    points."""
+    diffs = []
+    for name, ra in sorted(runs.items()):
+        seed = name.rsplit("/", 1)[1]
+        rb = runs.get(f"{setting}/{b}/{seed}")
+        if name.startswith(f"{setting}/{a}/") and rb is not None:
+            va, vb = ra["final_global"][exit_], rb["final_global"][exit_]
+            if va is not None and vb is not None:
+                diffs.append(100 * (va - vb))
+    return diffs
+
+
+def bar_verdict(baseline: str, setting: str, means: dict[str, float | None]) -> str:
+    """Whether one HypeMeFed-vs-baseline row meets the issue's bar, from mean paired gaps."""
+    def at_least(exit_: str, points: float) -> bool:
+        return means[exit_] is not None and means[exit_] >= points
+
+    if baseline.startswith("fedavg"):
+        if SETTINGS[setting].get("alpha") != 0.1:
+            return ""  # the bar asks for the 5 points at alpha 0.1
+        return "met" if at_least("3", BAR_POINTS) else "not met"
+    # "above" by at least what the table's one decimal can show
+    return "met" if all(at_least(e, 0.05) for e in BAR_EXITS) else "not met"
+
+
+def bar_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every HypeMeFed-vs-baseline comparison the records allow, paired by seed."""
+    rows = []
+    for setting in SETTINGS:
+        for hmf, baselines in BAR_FACES.items():
+            for base in baselines:
+                gaps = {e: paired_points(runs, setting, hmf, base, e) for e in ("1", "2", "3")}
+                if not gaps["3"]:
+                    continue
+                means = {e: float(np.mean(g)) if g else None for e, g in gaps.items()}
+                rows.append({"setting": setting, "hypemefed": hmf, "baseline": base,
+                             "seeds": len(gaps["3"]), "gap": means,
+                             "gap_min": {e: min(g, default=None) for e, g in gaps.items()},
+                             "gap_max": {e: max(g, default=None) for e, g in gaps.items()},
+                             "bar": bar_verdict(base, setting, means)})
+    return rows
+
+
+def bar_table(rows: list[dict[str, Any]]) -> str:
+    def cell(r: dict[str, Any], e: str) -> str:
+        if r["gap"][e] is None:
+            return "-"
+        spread = f" [{r['gap_min'][e]:+.1f}, {r['gap_max'][e]:+.1f}]" if r["seeds"] > 1 else ""
+        return f"{r['gap'][e]:+.1f}{spread}"
+
+    head = "| setting | HypeMeFed run | baseline | seeds | exit 1 | exit 2 | exit 3 | bar |"
+    lines = [head, "|" + "---|" * 8]
+    lines += [f"| {r['setting']} | {r['hypemefed']} | {r['baseline']} | {r['seeds']} | "
+              f"{cell(r, '1')} | {cell(r, '2')} | {cell(r, '3')} | {r['bar']} |" for r in rows]
+    return "\n".join(lines)
+
+
 def mean_curve(runs: list[dict[str, Any]], col: int) -> list[tuple[int, float]]:
     """Per round, the mean over seeds of column ``col`` of the runs' curves."""
     by_round: dict[int, list[float]] = {}
@@ -504,7 +604,7 @@ def compute_time(result: dict[str, Any]) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    out = ROOT / "bench" / "results" / f"accuracy_{args.scale}.json"
+    out = record_path(args.scale)
     found = summarise_runs(Path(args.runs) / args.scale)
     # runs made elsewhere (another machine, an earlier checkout) stay in the record; a run
     # found here replaces its recorded summary
@@ -514,10 +614,13 @@ def report(args: argparse.Namespace) -> None:
     print(f"{len(found)} runs found under {Path(args.runs) / args.scale}, "
           f"{len(set(kept) - set(found))} more kept from {out.relative_to(ROOT)}")
     result = collect({**kept, **found}, args.scale)
+    result["bar"] = bar_rows(result["runs"])
     out.write_text(json.dumps(result, indent=1) + "\n")
     late = args.scale == "full"  # the cpu scale's 5-10 evaluations make "late" the whole run
     text = table(result, late)
     print(text)
+    bar = bar_table(result["bar"])
+    print(bar)
     images = plot(result, args.scale, ROOT / "docs" / "img")
     cost = compute_time(result)
     print(cost)
@@ -530,6 +633,14 @@ def report(args: argparse.Namespace) -> None:
             + ".\n\n" + text + "\n\n" + cost + "\n\n"
             + "\n".join(f"![{p.stem}](img/{p.name})" for p in images))
     replace_section(ROOT / "docs" / "RESULTS.md", f"accuracy-{args.scale}", body)
+    replace_section(ROOT / "docs" / "RESULTS.md", f"accuracy-{args.scale}-bar", (
+        f"Generated by `bench/accuracy.py report --scale {args.scale}`. Final global accuracy "
+        "of the HypeMeFed run minus the baseline's, in points, mean over the seeds both ran "
+        "[smallest, largest per-seed gap]. Bar: at least "
+        f"{BAR_POINTS:.0f} points above fedavg at exit 3 at alpha 0.1; above depthwise, "
+        "depthfl and scalefl at exits 1 and 2, the deepest exits of tier-1 and tier-2 "
+        "clients. Static-BN runs face static-BN baselines (scalefl's is on by default).\n\n"
+        + bar))
     print(f"wrote {out} and {len(images)} plots; docs/RESULTS.md section accuracy-{args.scale}")
 
 
@@ -548,6 +659,8 @@ def main() -> None:
                    "the ceiling of perfect generation")
     r.add_argument("--cifar-dir", help=f"CIFAR-10 files (default {SHARED_CIFAR})")
     r.add_argument("--runs", default=str(ROOT / "runs" / "accuracy"))
+    r.add_argument("--rerun-recorded", action="store_true",
+                   help="also the runs bench/results/accuracy_<scale>.json already holds")
     r.add_argument("--deadline-s", type=float, help="stop every run after this many seconds")
     rep = sub.add_parser("report", help="tables, JSON and plots from the runs so far")
     rep.add_argument("--scale", choices=SCALES, default="cpu")

@@ -1,6 +1,7 @@
 """bench/accuracy.py's plan and summaries: what the evidence tables are computed from."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
             assert {f"{setting}/{strategy}-sbn/s{s}" for s in acc.SEEDS} <= names
         for strategy in acc.OTHERS:
             assert f"{setting}/{strategy}/s0" in names
+        if setting not in acc.TIERED_SETTINGS:  # the bar's baselines with a spread over seeds
+            assert {f"{setting}/{b}/s{s}" for b in acc.BAR_BASELINES for s in acc.SEEDS} <= names
+            assert {f"{setting}/depthfl-sbn/s{s}" for s in acc.SEEDS} <= names
     assert {f"hapt-dir0.1-tiered/hypemefed-gen-all/s{s}" for s in acc.SEEDS} <= names
     assert {f"{setting}/hypemefed-release/s{s}" for setting in acc.SETTINGS
             for s in acc.SEEDS} <= names
@@ -122,3 +126,42 @@ def test_table_has_a_late_column_only_when_asked(monkeypatch):
     col = {h.strip(): c.strip() for h, c in zip(head, cells, strict=True)}
     assert col["exit 3 (late)"] == "65.0"  # (0.8 + 0.5) / 2
     assert col["exit 3 (final)"] == "56.7" and col["exit 3 (best)"] == "80.0"
+
+
+def finals(e1, e2, e3):
+    return {"final_global": {"1": e1, "2": e2, "3": e3}}
+
+
+def test_bar_pairs_seeds_and_judges_fedavg_at_exit_3_and_the_rest_at_exits_1_and_2():
+    runs = {"hapt-dir0.1/hypemefed/s0": finals(0.50, 0.40, 0.30),
+            "hapt-dir0.1/hypemefed/s1": finals(0.60, 0.45, 0.36),
+            "hapt-dir0.1/hypemefed/s2": finals(0.70, 0.70, 0.70),  # no fedavg s2: not paired
+            "hapt-dir0.1/fedavg/s0": finals(0.40, 0.30, 0.20),
+            "hapt-dir0.1/fedavg/s1": finals(0.40, 0.30, 0.33),
+            "hapt-dir0.1/depthwise/s0": finals(0.45, 0.41, 0.10),
+            "hapt-dir1.0/hypemefed/s0": finals(0.9, 0.9, 0.9),
+            "hapt-dir1.0/fedavg/s0": finals(0.1, 0.1, 0.1)}
+    rows = {(r["setting"], r["baseline"]): r for r in acc.bar_rows(runs)}
+    assert set(rows) == {("hapt-dir0.1", "fedavg"), ("hapt-dir0.1", "depthwise"),
+                         ("hapt-dir1.0", "fedavg")}
+    fedavg = rows["hapt-dir0.1", "fedavg"]
+    assert fedavg["seeds"] == 2
+    assert fedavg["gap"]["3"] == pytest.approx((10 + 3) / 2)  # 6.5 points: >= 5
+    assert (fedavg["gap_min"]["3"], fedavg["gap_max"]["3"]) == pytest.approx((3, 10))
+    assert fedavg["bar"] == "met"
+    # above at exit 1 (+5) but below at exit 2 (-1): tier 2's exit fails the bar
+    depthwise = rows["hapt-dir0.1", "depthwise"]
+    assert depthwise["gap"]["2"] == pytest.approx(-1) and depthwise["bar"] == "not met"
+    assert rows["hapt-dir1.0", "fedavg"]["bar"] == ""  # the 5 points are asked at alpha 0.1
+    line = acc.bar_table([fedavg]).splitlines()[2]
+    assert "| +6.5 [+3.0, +10.0] | met |" in line
+
+
+def test_recorded_runs_are_the_records_complete_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(acc, "ROOT", tmp_path)
+    assert acc.recorded("cpu") == set()
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    acc.record_path("cpu").write_text(json.dumps({"runs": {
+        "a/b/s0": {"rounds_done": 30, "rounds_planned": 30},
+        "a/b/s1": {"rounds_done": 12, "rounds_planned": 30}}}))
+    assert acc.recorded("cpu") == {"a/b/s0"}

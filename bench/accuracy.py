@@ -16,11 +16,12 @@ Scales (``--scale``):
         alpha 0.1, where 15 rounds leave every strategy's exit 3 at chance), local epochs
         (1 instead of 5), CIFAR-10 data (the 10,000/2,000 class-balanced subset, 20 clients
         of which 6 a round, batch 32 instead of 128). The issue's 72 runs (the default plan)
-        took 102 minutes here, two at a time; ``--extras`` adds 252 analysis runs (static BN,
-        label-tiered settings, the bar's baselines at every seed, the gate, Adam-trained
-        hypernetworks, the ceiling of perfect generation, the release's aggregation,
-        ``--untrained global``, residual hypernetworks). A 16-core GPU machine runs 16 at a
-        time (``bench/accuracy_gpu.sh``: 79 runs took 12.7 min on an H200).
+        took 102 minutes here, two at a time; ``--extras`` adds 282 analysis runs (static BN,
+        label-tiered settings, the bar's baselines at every seed, fedavg with a server
+        learning rate, the gate, Adam-trained hypernetworks, the ceiling of perfect
+        generation, the release's aggregation, ``--untrained global``, residual
+        hypernetworks). A 16-core GPU machine runs 16 at a time (``bench/accuracy_gpu.sh``:
+        79 runs took 12.7 min on an H200).
   full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
         10 a round, 300 rounds, 5 local epochs, batch 128, lr 5e-4) and HAPT as UniMiB
         (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``, hours a run.
@@ -101,6 +102,12 @@ GATE_GLOBAL_SBN = dict(hypernet_gate=True, untrained="global", static_bn=True)
 # deviations from the global model: predicting no deviation gives the release's aggregate
 RESIDUAL_GLOBAL = dict(hypernet_residual=True, untrained="global")
 RESIDUAL_GLOBAL_SBN = dict(RESIDUAL_GLOBAL, static_bn=True)
+# Is the release's gain just damping? fedavg's full model is trained by the round's 2 tier-3
+# participants, exactly the trainers of the release's block 3, which moves by 1/3 of their mean
+# update in a 2/2/2 round (docs/METHOD.md): fedavg with that server learning rate damps the
+# same update the same way, without the other participants' shallow blocks
+SERVER_LR = dict(server_lr=1 / 3)
+SERVER_LR_SBN = dict(SERVER_LR, static_bn=True)
 # What perfect generation could reach: every participant trains the full model (fedavg with all
 # clients in tier 3), as if the hypernetworks produced exactly the deep blocks the shallow
 # participants would have trained. Same partitions, participants per round and local training.
@@ -184,6 +191,8 @@ def _extras(seed: int, setting: str) -> list[Run]:
         runs.append(Run(setting, "hypemefed", seed, "gate-global-sbn", GATE_GLOBAL_SBN))
         runs.append(Run(setting, "hypemefed", seed, "residual-global", RESIDUAL_GLOBAL))
         runs.append(Run(setting, "hypemefed", seed, "residual-global-sbn", RESIDUAL_GLOBAL_SBN))
+        runs.append(Run(setting, "fedavg", seed, "slr", SERVER_LR))
+        runs.append(Run(setting, "fedavg", seed, "slr-sbn", SERVER_LR_SBN))
     if setting in TIERED_SETTINGS:  # only generated heads can carry tier 1's classes
         runs.append(Run(setting, "hypemefed", seed, "gen-all", ABLATIONS["gen-all"]))
     if setting == ABLATION_SETTING:

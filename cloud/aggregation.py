@@ -73,6 +73,18 @@ def average_states(global_state: State, contributions: list[tuple[State, float]]
     return acc.result()
 
 
+def server_step(global_state: State, aggregate: State, lr: float) -> State:
+    """The new global model ``lr`` of the way from the old one to the aggregate: a server learning
+    rate (FedOpt with plain SGD; 1 is the aggregate itself). The release's stale averaging moves
+    a deep block by (its trainers / participants) of its trainers' mean update, a block-wise
+    rate below 1; this gives any strategy such a rate to compare with. Integer buffers
+    (BatchNorm's batch counts) take the aggregate's value."""
+    if lr == 1.0:
+        return aggregate
+    return {k: torch.lerp(g, aggregate[k], lr) if g.is_floating_point() else aggregate[k]
+            for k, g in global_state.items()}
+
+
 def static_bn_statistics(model_name: str, state: State, batches: Iterable[torch.Tensor]) -> State:
     """``state`` with BatchNorm running statistics replaced by their average over ``batches``."""
     return {**state, **bn_statistics(model_name, state, batches)}

@@ -49,6 +49,7 @@ class RunConfig:
     lr: float = 5e-3
     weighting: str = "uniform"
     static_bn: bool | None = None  # None: the strategy's default (on for heterofl only)
+    server_lr: float = 1.0  # cloud/aggregation.py server_step
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1
@@ -63,6 +64,9 @@ class RunConfig:
         if self.untrained not in UNTRAINED:
             raise ValueError(f"untrained must be one of {', '.join(UNTRAINED)}, "
                              f"got {self.untrained!r}")
+        if not self.server_lr > 0:
+            raise ValueError(f"server_lr must be above 0 (1: the aggregate itself), "
+                             f"got {self.server_lr}")
         if self.participants > self.clients:
             raise ValueError(f"participants ({self.participants}) exceeds clients ({self.clients})")
 

@@ -12,7 +12,7 @@ import click
 
 from cloud.config import GENERATE, PRESETS, UNTRAINED
 from cloud.federation import TIER_BY
-from cloud.options import hypernet_switches, resolve_flags, setting, static_bn
+from cloud.options import hypernet_switches, resolve_flags, server_lr, setting, static_bn
 from cloud.strategies import STRATEGIES
 from common.models import SPECS
 
@@ -64,6 +64,7 @@ def _run_options(f):
         setting("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"])),
         setting("seed", "Seed of everything random.", type=int),
         static_bn,
+        server_lr,
         setting("eval-every", "Evaluate every N rounds (and the last).", type=int),
     ]):
         f = option(f)

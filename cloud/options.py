@@ -27,6 +27,12 @@ static_bn = click.option(
     "statistics). [default: on for heterofl and scalefl]")
 
 
+server_lr = click.option(
+    "--server-lr", type=float, default=None,
+    help="Server learning rate: each round the global model moves this fraction of the way to "
+    "the aggregate (FedOpt with plain SGD). [default: 1, the aggregate itself]")
+
+
 hypernet_reset = click.option(
     "--hypernet-reset/--no-hypernet-reset", default=None,
     help="Re-initialise the hypernetworks (same seed) every round instead of keeping them "

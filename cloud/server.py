@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloud.aggregation import server_step
 from cloud.calibration import BnStatsSum
 from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from cloud.config import RunConfig
@@ -295,6 +296,7 @@ class FleetCloud:
         self.sending.clear()
         server_start = time.perf_counter()
         new_state, metrics = rnd.aggregate.finish(rnd.number)
+        new_state = server_step(state, new_state, self.strategy.server_lr)
         server_s = time.perf_counter() - server_start
         if self.strategy.static_bn:
             new_state, metrics["calibration"] = self._calibrate(rnd, new_state)

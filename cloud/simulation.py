@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloud.aggregation import server_step
 from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from cloud.config import RunConfig
 from cloud.evaluation import evaluate
@@ -34,7 +35,7 @@ def strategy_for(cfg: RunConfig) -> Strategy:
                           sweeps=cfg.hypernet_sweeps, reset=cfg.hypernet_reset,
                           gate=cfg.hypernet_gate, residual=cfg.hypernet_residual,
                           generate=cfg.generate, untrained=cfg.untrained, seed=cfg.seed,
-                          device=cfg.device, **extra)
+                          server_lr=cfg.server_lr, device=cfg.device, **extra)
 
 
 def initial_state(cfg: RunConfig) -> State:
@@ -87,6 +88,7 @@ class Simulation:
             updates.append(self.train_client(global_state, task, server_round))
         server_start = time.perf_counter()
         new_state, server_metrics = self.strategy.aggregate(global_state, updates, server_round)
+        new_state = server_step(global_state, new_state, self.strategy.server_lr)
         new_state = self.strategy.calibrate(new_state, self.participant_batches(tasks))
         server_s = time.perf_counter() - server_start
         losses = [u.train_loss for u in updates]

@@ -66,6 +66,8 @@ def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
         if setting not in acc.TIERED_SETTINGS:  # the bar's baselines with a spread over seeds
             assert {f"{setting}/{b}/s{s}" for b in acc.BAR_BASELINES for s in acc.SEEDS} <= names
             assert {f"{setting}/depthfl-sbn/s{s}" for s in acc.SEEDS} <= names
+            assert {f"{setting}/fedavg-slr{v}/s{s}" for v in ("", "-sbn")
+                    for s in acc.SEEDS} <= names
     assert {f"hapt-dir0.1-tiered/hypemefed-gen-all/s{s}" for s in acc.SEEDS} <= names
     assert {f"{setting}/hypemefed-release/s{s}" for setting in acc.SETTINGS
             for s in acc.SEEDS} <= names
@@ -81,6 +83,8 @@ def test_core_plan_is_the_issues_runs_and_extras_add_the_analysis_runs():
     cfg = acc.run_config(by_name["hapt-dir0.1/fedavg/s1"], "cpu", "cpu", None)
     assert cfg["rounds"] == acc.CPU_ROUNDS_AT_ALPHA_01 and cfg["seed"] == 1
     assert acc.run_config(by_name["hapt-subject/fedavg/s0"], "cpu", "cpu", None)["rounds"] == 15
+    slr = acc.run_config(by_name["hapt-subject/fedavg-slr-sbn/s1"], "cpu", "cpu", None)
+    assert (slr["server_lr"], slr["static_bn"], slr["strategy"]) == (1 / 3, True, "fedavg")
     full = acc.run_config(by_name["hapt-dir0.1/fedavg/s0"], "full", "cuda", None)
     assert full["rounds"] == 300 and full["local_epochs"] == 5
     tiered = acc.run_config(by_name["cifar10-dir0.1-tiered/hypemefed-gen-all/s2"], "cpu", "cpu",

@@ -137,11 +137,14 @@ def test_one_round_equals_hmf_simulate(tiny_hapt, tmp_path, fleet_run):
 
 def test_depthfl_devices_train_the_simulators_distillation_loss(tiny_hapt, tmp_path, fleet_run):
     """The task's ``train`` carries the strategy's loss (DepthFL's mutual self-distillation):
-    devices train exactly what the simulator trains, so weights and loss match it."""
-    cfg = config(tiny_hapt, clients=3, participants=3, rounds=1, strategy="depthfl")
+    devices train exactly what the simulator trains, so weights and loss match it. With a
+    server learning rate, which the cloud applies to the streamed aggregate as the simulator
+    does to its own."""
+    cfg = config(tiny_hapt, clients=3, participants=3, rounds=1, strategy="depthfl",
+                 server_lr=0.5)
     reference = simulate(cfg, tmp_path / "sim")
     run = fleet_run(cfg)
-    cloud = run.start_cloud("--min-updates", "3", "--round-timeout", "120")
+    cloud = run.start_cloud("--min-updates", "3", "--round-timeout", "120", "--server-lr", "0.5")
     devices = [run.start_device(d.id) for d in run.fleet.devices]
     assert cloud.wait(150) == 0, cloud.text()
     for d in devices:

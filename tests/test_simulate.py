@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from cloud.checkpoint import load_checkpoint
 from cloud.cli import hmf
 from cloud.config import RunConfig, resolve
-from cloud.simulation import Simulation
+from cloud.simulation import Simulation, initial_state
 from cloud.strategies import STRATEGIES
 
 
@@ -83,11 +83,34 @@ def test_cli_simulate_config_file_and_plot(tiny_hapt, tmp_path):
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_server_lr_moves_the_global_model_that_fraction_of_the_way_to_the_aggregate(
+        tiny_hapt, tmp_path):
+    """One round from the same start with the same training: lr 0.25's global model is the
+    start plus a quarter of the way to lr 1's (the aggregate), tensor by tensor."""
+    full = tiny(tiny_hapt, strategy="depthwise", rounds=1)
+    quarter = tiny(tiny_hapt, strategy="depthwise", rounds=1, server_lr=0.25)
+    Simulation(full, tmp_path / "full", quiet).run()
+    Simulation(quarter, tmp_path / "quarter", quiet).run()
+    start, aggregate = initial_state(full), load_checkpoint(tmp_path / "full")[1]
+    stepped = load_checkpoint(tmp_path / "quarter")[1]
+    moved = 0
+    for k, a in aggregate.items():
+        if a.is_floating_point():
+            want = start[k] + 0.25 * (a - start[k])
+            assert torch.allclose(stepped[k], want, atol=1e-6), k
+            moved += not torch.equal(a, start[k])
+        else:  # BatchNorm's batch counts are counts, not a step
+            assert torch.equal(stepped[k], a), k
+    assert moved > 10  # the round trained something, so the check compared real steps
+
+
 def test_presets_and_bad_settings():
     assert resolve("svhn").batch_size == 128 and resolve("unimib").partition == "subject"
     assert resolve("stl10", overrides={"rounds": 3}).rounds == 3
     with pytest.raises(ValueError, match="tier_mix"):
         RunConfig(tier_mix=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="server_lr must be above 0"):
+        RunConfig(server_lr=0)
     res = CliRunner().invoke(hmf, ["simulate", "--tier-mix", "a,b"])
     assert res.exit_code != 0 and "tier-mix" in res.output
     res = CliRunner().invoke(hmf, ["simulate", "--model", "svhn", "--data-dir", "/nonexistent"])

@@ -40,6 +40,7 @@ class Strategy:
     model: str
     weighting: str = "uniform"  # or "samples"
     static_bn: bool = False  # recompute BatchNorm statistics from participants' data (HeteroFL)
+    server_lr: float = 1.0  # the global model moves this fraction of the way to the aggregate
     name: str = field(default="base", init=False)
 
     def tasks(self, participants: list[tuple[int, int]]) -> list[ClientTask]:

@@ -64,9 +64,9 @@ class RunConfig:
         if self.untrained not in UNTRAINED:
             raise ValueError(f"untrained must be one of {', '.join(UNTRAINED)}, "
                              f"got {self.untrained!r}")
-        if not self.server_lr > 0:
-            raise ValueError(f"server_lr must be above 0 (1: the aggregate itself), "
-                             f"got {self.server_lr}")
+        if not 0 < self.server_lr < float("inf"):
+            raise ValueError("server_lr must be a finite number above 0 (1: the aggregate "
+                             f"itself), got {self.server_lr}")
         if self.participants > self.clients:
             raise ValueError(f"participants ({self.participants}) exceeds clients ({self.clients})")
 

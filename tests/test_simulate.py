@@ -109,7 +109,7 @@ def test_presets_and_bad_settings():
     assert resolve("stl10", overrides={"rounds": 3}).rounds == 3
     with pytest.raises(ValueError, match="tier_mix"):
         RunConfig(tier_mix=(0.5, 0.5, 0.5))
-    with pytest.raises(ValueError, match="server_lr must be above 0"):
+    with pytest.raises(ValueError, match="server_lr must be a finite number above 0"):
         RunConfig(server_lr=0)
     res = CliRunner().invoke(hmf, ["simulate", "--tier-mix", "a,b"])
     assert res.exit_code != 0 and "tier-mix" in res.output

@@ -542,9 +542,9 @@ def trailing_mean(pts: list[tuple[int, float]], k: int) -> list[tuple[int, float
 
 
 def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
-    """Per setting: the strategies (top) and HypeMeFed's ablations and static-BN variants with
-    depthwise as reference (bottom), mean over the seeds each has; exit 3 on the global test
-    set and mean local test."""
+    """Per setting: the strategies (top), HypeMeFed's variants with depthwise as reference, and
+    every static-BN run (bottom), mean over the seeds each has; exit 3 on the global test set
+    and mean local test."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -558,14 +558,16 @@ def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
                 groups.setdefault(key.split("/")[1], []).append(run)
         if not groups:
             continue
-        rows = [sorted(g for g in groups
-                       if not g.startswith("hypemefed-") and not g.endswith("-sbn")),
-                sorted(g for g in groups
-                       if g.startswith("hypemefed") or g in ("depthwise", "depthwise-sbn"))]
-        rows = [r for r in rows if r]
+        static = [g for g in groups if g.endswith("-sbn") or g in ("scalefl", "heterofl")]
+        rows = {"strategies": sorted(g for g in groups if not g.startswith("hypemefed-")
+                                     and not g.endswith("-sbn")),
+                "HypeMeFed variants": sorted(g for g in groups if g not in static and
+                                             (g.startswith("hypemefed") or g == "depthwise")),
+                "static BN": sorted(static)}  # scalefl and heterofl have it by default
+        rows = {k: r for k, r in rows.items() if r}
         fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.8 * len(rows)), squeeze=False)
         colors = plt.get_cmap("tab10").colors
-        for row, names in zip(axes, rows, strict=True):
+        for row, (kind, names) in zip(axes, rows.items(), strict=True):
             for i, name in enumerate(names):
                 for ax, col in zip(row, (1, 2), strict=True):
                     pts = mean_curve(groups[name], col)
@@ -580,7 +582,7 @@ def plot(result: dict[str, Any], scale: str, img_dir: Path) -> list[Path]:
                             ls="-" if i < 10 else "--", lw=2.2 if name == "hypemefed" else 1.2,
                             label=label)
             for ax, title in zip(row, ("global test, exit 3", "mean local test"), strict=True):
-                ax.set_title(f"{setting} ({scale}): {title}", fontsize=9)
+                ax.set_title(f"{setting} ({scale}), {kind}: {title}", fontsize=9)
                 ax.set_xlabel("round")
                 ax.grid(alpha=0.3)
             row[0].set_ylabel("accuracy (mean over seeds)")

@@ -176,7 +176,8 @@ def _core(seed: int, setting: str) -> list[Run]:
 def _extras(seed: int, setting: str) -> list[Run]:
     """What the analysis of the shortfall added: static BN, the tiered settings, the bar's
     baselines at every seed, the gate, the authors' Adam-trained hypernetwork, the ceiling of
-    perfect generation and the authors' release's effective aggregation."""
+    perfect generation, the authors' release's effective aggregation, residual hypernetworks and
+    fedavg with a server learning rate."""
     runs = _strategies(seed, setting) if setting in TIERED_SETTINGS else []
     if setting in CEILING_SETTINGS:
         runs.append(Run(setting, "fedavg", seed, "ceiling", CEILING))
@@ -185,7 +186,7 @@ def _extras(seed: int, setting: str) -> list[Run]:
     if setting not in TIERED_SETTINGS:
         runs += [Run(setting, s, seed) for s in BAR_BASELINES if seed > 0]
         runs.append(Run(setting, "depthfl", seed, "sbn", STATIC_BN))
-    if setting not in TIERED_SETTINGS:  # does its gain come from the stale BN statistics?
+        # does the release's gain come from the stale BN statistics?
         runs.append(Run(setting, "hypemefed-release", seed, "sbn", STATIC_BN))
         runs.append(Run(setting, "hypemefed", seed, "untrained-global", UNTRAINED_GLOBAL))
         runs.append(Run(setting, "hypemefed", seed, "gate-global-sbn", GATE_GLOBAL_SBN))

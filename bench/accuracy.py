@@ -470,15 +470,11 @@ def paired_points(runs: dict[str, dict[str, Any]], setting: str, a: str, b: str,
                   exit_: str) -> list[float]:
     """Per seed both strategies ran, a's final global accuracy at ``exit_`` minus b's, in
     points."""
-    diffs = []
-    for name, ra in sorted(runs.items()):
-        seed = name.rsplit("/", 1)[1]
-        rb = runs.get(f"{setting}/{b}/{seed}")
-        if name.startswith(f"{setting}/{a}/") and rb is not None:
-            va, vb = ra["final_global"][exit_], rb["final_global"][exit_]
-            if va is not None and vb is not None:
-                diffs.append(100 * (va - vb))
-    return diffs
+    seeds = sorted(n.rsplit("/", 1)[1] for n in runs if n.startswith(f"{setting}/{a}/"))
+    pairs = [(runs[f"{setting}/{a}/{s}"], runs.get(f"{setting}/{b}/{s}")) for s in seeds]
+    values = [(ra["final_global"][exit_], rb["final_global"][exit_]) for ra, rb in pairs
+              if rb is not None]
+    return [100 * (va - vb) for va, vb in values if va is not None and vb is not None]
 
 
 def bar_verdict(baseline: str, setting: str, means: dict[str, float | None]) -> str:

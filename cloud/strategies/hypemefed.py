@@ -140,12 +140,11 @@ def training_pairs(updates: list[ClientUpdate], mapping: Mapping, device: str = 
     deviations from ``origin``'s."""
     both = [u for u in updates if all(n in u.state for n in mapping.sources + mapping.targets)]
 
-    def packed(state: State, names: tuple[str, ...]) -> torch.Tensor:
-        value = pack(mapping, state, names)
-        return (value if origin is None else value - pack(mapping, origin, names)).to(device)
+    def packed(names: tuple[str, ...]) -> list[torch.Tensor]:
+        base = 0.0 if origin is None else pack(mapping, origin, names)  # once, not per client
+        return [(pack(mapping, u.state, names) - base).to(device) for u in both]
 
-    return ([packed(u.state, mapping.sources) for u in both],
-            [packed(u.state, mapping.targets) for u in both])
+    return packed(mapping.sources), packed(mapping.targets)
 
 
 @dataclass

@@ -468,12 +468,12 @@ BAR_EXITS = ("1", "2")  # tier 1's and tier 2's deepest exits
 
 def paired_points(runs: dict[str, dict[str, Any]], setting: str, a: str, b: str,
                   exit_: str) -> list[float]:
-    """Per seed both strategies ran, a's final global accuracy at ``exit_`` minus b's, in
-    points."""
+    """Per seed both strategies ran as far, a's final global accuracy at ``exit_`` minus b's,
+    in points (a run cut short is no match for a finished one: equal_round_rows compares it)."""
     seeds = sorted(n.rsplit("/", 1)[1] for n in runs if n.startswith(f"{setting}/{a}/"))
     pairs = [(runs[f"{setting}/{a}/{s}"], runs.get(f"{setting}/{b}/{s}")) for s in seeds]
     values = [(ra["final_global"][exit_], rb["final_global"][exit_]) for ra, rb in pairs
-              if rb is not None]
+              if rb is not None and ra["rounds_done"] == rb["rounds_done"]]
     return [100 * (va - vb) for va, vb in values if va is not None and vb is not None]
 
 
@@ -506,6 +506,37 @@ def bar_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                              "gap_max": {e: max(g, default=None) for e, g in gaps.items()},
                              "bar": bar_verdict(base, setting, means)})
     return rows
+
+
+def exit3_up_to(curve: list[tuple[int, Any, Any]], rnd: int) -> float | None:
+    """Exit 3's global accuracy over the last SMOOTH_EVALS evaluations up to round ``rnd``."""
+    vals = [acc for r, acc, _ in curve if r <= rnd and acc is not None][-SMOOTH_EVALS:]
+    return float(np.mean(vals)) if vals else None
+
+
+def equal_round_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where a setting holds a run cut short, every run of it at the last round all reached:
+    final accuracies of runs cut at different rounds do not compare."""
+    rows = []
+    for setting in SETTINGS:
+        named = {n: r for n, r in runs.items() if n.startswith(setting + "/")}
+        if all(r["rounds_done"] >= r["rounds_planned"] for r in named.values()):
+            continue
+        common = min(r["rounds_done"] for r in named.values())
+        rows += [{"run": n, "device": r["device"], "rounds_done": r["rounds_done"],
+                  "round": common, "exit3": exit3_up_to(r["curve"], common)}
+                 for n, r in named.items()]
+    return rows
+
+
+def equal_round_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| run | rounds done | at round | global exit 3, last "
+            f"{SMOOTH_EVALS} evaluations up to it | ran on |")
+    lines = [head, "|---|---|---|---|---|"]
+    for r in rows:
+        acc = "-" if r["exit3"] is None else f"{100 * r['exit3']:.1f}"
+        lines.append(f"| {r['run']} | {r['rounds_done']} | {r['round']} | {acc} | {r['device']} |")
+    return "\n".join(lines)
 
 
 def bar_table(rows: list[dict[str, Any]]) -> str:
@@ -625,6 +656,7 @@ def report(args: argparse.Namespace) -> None:
           f"{len(set(kept) - set(found))} more kept from {out.relative_to(ROOT)}")
     result = collect({**kept, **found}, args.scale)
     result["bar"] = bar_rows(result["runs"])
+    result["equal_rounds"] = equal_round_rows(result["runs"])
     out.write_text(json.dumps(result, indent=1) + "\n")
     late = args.scale == "full"  # the cpu scale's 5-10 evaluations make "late" the whole run
     text = table(result, late)
@@ -641,6 +673,9 @@ def report(args: argparse.Namespace) -> None:
             "best any strategy reached in that setting"
             + (f"; exit 3 (late): the mean of the last {SMOOTH_EVALS} evaluations" if late else "")
             + ".\n\n" + text + "\n\n" + cost + "\n\n"
+            + (f"Runs cut short, compared at the round every run of their setting reached:\n\n"
+               f"{equal_round_table(result['equal_rounds'])}\n\n" if result["equal_rounds"]
+               else "")
             + "\n".join(f"![{p.stem}](img/{p.name})" for p in images))
     replace_section(ROOT / "docs" / "RESULTS.md", f"accuracy-{args.scale}", body)
     replace_section(ROOT / "docs" / "RESULTS.md", f"accuracy-{args.scale}-bar", (

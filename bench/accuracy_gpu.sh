@@ -4,8 +4,9 @@
 # JOBS at a time. Expects .gpu/ to hold cifar10_jpeg.npz, small_index.npz and make_small.py (see
 # docs/RESULTS.md). Results come back as $OUT/runs.tgz (run directories without checkpoints),
 # re-packed every 30 s so that a run cut off by the device's time limit still returns what it did.
-# SCALE=full ONLY=... runs the authors' setting instead; with DEADLINE (seconds) inside the call
-# limit, a second call on the still-warm machine resumes the cut runs.
+# THREADS sets torch threads per run. SCALE=full ONLY=... runs the authors' setting instead;
+# with DEADLINE (seconds) inside the call limit, a second call on the still-warm machine
+# resumes the cut runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -22,7 +23,7 @@ pack() { tar czf "$OUT/runs.tmp" --exclude checkpoint.hmf --exclude '*.tmp' -C "
 PACKER=$!
 [ "$SCALE" = full ] || $PY .gpu/make_small.py .gpu || exit 1
 CIFAR=.gpu/small; [ "$SCALE" = full ] && CIFAR=.gpu
-PYTHONUNBUFFERED=1 $PY bench/accuracy.py run --scale "$SCALE" --device cuda --jobs "${JOBS:-16}" \
+PYTHONUNBUFFERED=1 $PY bench/accuracy.py run --scale "$SCALE" --device cuda --jobs "${JOBS:-16}" --threads "${THREADS:-1}" \
   --runs "$RUNS" --cifar-dir "$CIFAR" --extras --only "$ONLY" \
   ${DEADLINE:+--deadline-s "$DEADLINE"} \
   2>&1 | tee "$OUT/${SCALE}_scale.log"

@@ -132,8 +132,8 @@ def test_table_has_a_late_column_only_when_asked(monkeypatch):
     assert col["exit 3 (final)"] == "56.7" and col["exit 3 (best)"] == "80.0"
 
 
-def finals(e1, e2, e3):
-    return {"final_global": {"1": e1, "2": e2, "3": e3}}
+def finals(e1, e2, e3, rounds=30):
+    return {"final_global": {"1": e1, "2": e2, "3": e3}, "rounds_done": rounds}
 
 
 def test_bar_pairs_seeds_and_judges_fedavg_at_exit_3_and_the_rest_at_exits_1_and_2():
@@ -159,6 +159,27 @@ def test_bar_pairs_seeds_and_judges_fedavg_at_exit_3_and_the_rest_at_exits_1_and
     assert rows["hapt-dir1.0", "fedavg"]["bar"] == ""  # the 5 points are asked at alpha 0.1
     line = acc.bar_table([fedavg]).splitlines()[2]
     assert "| +6.5 [+3.0, +10.0] | met |" in line
+
+
+def test_a_run_cut_short_is_compared_only_at_the_round_its_whole_setting_reached():
+    def run(rounds, curve, planned=300):
+        return {**finals(0.5, 0.5, curve[-1][1], rounds), "rounds_planned": planned,
+                "device": "cuda", "curve": curve}
+
+    # evaluations every 5 rounds; fedavg finished, hypemefed cut at round 60
+    fedavg = run(300, [(r, r / 1000, 0.5) for r in range(5, 305, 5)])
+    cut = run(60, [(r, 0.9 if r <= 5 else 0.3, 0.5) for r in range(5, 65, 5)])
+    runs = {"hapt-dir0.1/fedavg/s0": fedavg, "hapt-dir0.1/hypemefed/s0": cut,
+            "hapt-dir1.0/fedavg/s0": run(300, [(300, 0.4, 0.5)])}
+    assert acc.bar_rows(runs) == []  # round 60 against round 300: no pair
+    rows = {r["run"]: r for r in acc.equal_round_rows(runs)}
+    assert set(rows) == {"hapt-dir0.1/fedavg/s0", "hapt-dir0.1/hypemefed/s0"}  # dir1.0 whole
+    assert {r["round"] for r in rows.values()} == {60}
+    # the last 10 evaluations up to round 60: rounds 15..60
+    assert rows["hapt-dir0.1/fedavg/s0"]["exit3"] == pytest.approx(sum(range(15, 65, 5)) / 10000)
+    assert rows["hapt-dir0.1/hypemefed/s0"]["exit3"] == pytest.approx(0.3)
+    line = acc.equal_round_table([rows["hapt-dir0.1/hypemefed/s0"]]).splitlines()[2]
+    assert line == "| hapt-dir0.1/hypemefed/s0 | 60 | 60 | 30.0 | cuda |"
 
 
 def test_recorded_runs_are_the_records_complete_ones(tmp_path, monkeypatch):

@@ -24,7 +24,8 @@ Scales (``--scale``):
         79 runs took 12.7 min on an H200).
   full  the authors' setting (method.md): CIFAR-10 as SVHN (all 60,000 images, 50 clients,
         10 a round, 300 rounds, 5 local epochs, batch 128, lr 5e-4) and HAPT as UniMiB
-        (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``, hours a run.
+        (30 clients, 6 a round, batch 16, lr 5e-3); meant for ``--device cuda``: on an H200,
+        six at a time, 8-42 minutes a run (hours on this CPU).
 
     .venv/bin/python bench/accuracy.py run --scale cpu --jobs 2 --only hapt-subject/
     .venv/bin/python bench/accuracy.py report --scale cpu              # JSON, table, plots

@@ -509,10 +509,11 @@ def bar_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def exit3_up_to(curve: list[tuple[int, Any, Any]], rnd: int) -> float | None:
-    """Exit 3's global accuracy over the last SMOOTH_EVALS evaluations up to round ``rnd``."""
-    vals = [acc for r, acc, _ in curve if r <= rnd and acc is not None][-SMOOTH_EVALS:]
-    return float(np.mean(vals)) if vals else None
+def mean_up_to(curve: list[tuple[int, Any, Any]], rnd: int, column: int) -> float | None:
+    """A curve's column (1: global exit 3, 2: mean local) over the last SMOOTH_EVALS
+    evaluations up to round ``rnd``."""
+    vals = [pt[column] for pt in curve if pt[0] <= rnd and pt[column] is not None]
+    return float(np.mean(vals[-SMOOTH_EVALS:])) if vals else None
 
 
 def equal_round_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -525,18 +526,21 @@ def equal_round_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         common = min(r["rounds_done"] for r in named.values())
         rows += [{"run": n, "device": r["device"], "rounds_done": r["rounds_done"],
-                  "round": common, "exit3": exit3_up_to(r["curve"], common)}
+                  "round": common, "exit3": mean_up_to(r["curve"], common, 1),
+                  "local_mean": mean_up_to(r["curve"], common, 2)}
                  for n, r in named.items()]
     return rows
 
 
 def equal_round_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| run | rounds done | at round | global exit 3, last "
-            f"{SMOOTH_EVALS} evaluations up to it | ran on |")
-    lines = [head, "|---|---|---|---|---|"]
-    for r in rows:
-        acc = "-" if r["exit3"] is None else f"{100 * r['exit3']:.1f}"
-        lines.append(f"| {r['run']} | {r['rounds_done']} | {r['round']} | {acc} | {r['device']} |")
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    head = (f"| run | rounds done | at round | global exit 3, last {SMOOTH_EVALS} evaluations up "
+            "to it | mean local, the same | ran on |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['rounds_done']} | {r['round']} | {pct(r['exit3'])} | "
+              f"{pct(r['local_mean'])} | {r['device']} |" for r in rows]
     return "\n".join(lines)
 
 

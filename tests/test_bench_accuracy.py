@@ -168,7 +168,7 @@ def test_a_run_cut_short_is_compared_only_at_the_round_its_whole_setting_reached
 
     # evaluations every 5 rounds; fedavg finished, hypemefed cut at round 60
     fedavg = run(300, [(r, r / 1000, 0.5) for r in range(5, 305, 5)])
-    cut = run(60, [(r, 0.9 if r <= 5 else 0.3, 0.5) for r in range(5, 65, 5)])
+    cut = run(60, [(r, 0.9 if r <= 5 else 0.3, r / 100) for r in range(5, 65, 5)])
     runs = {"hapt-dir0.1/fedavg/s0": fedavg, "hapt-dir0.1/hypemefed/s0": cut,
             "hapt-dir1.0/fedavg/s0": run(300, [(300, 0.4, 0.5)])}
     assert acc.bar_rows(runs) == []  # round 60 against round 300: no pair
@@ -178,8 +178,9 @@ def test_a_run_cut_short_is_compared_only_at_the_round_its_whole_setting_reached
     # the last 10 evaluations up to round 60: rounds 15..60
     assert rows["hapt-dir0.1/fedavg/s0"]["exit3"] == pytest.approx(sum(range(15, 65, 5)) / 10000)
     assert rows["hapt-dir0.1/hypemefed/s0"]["exit3"] == pytest.approx(0.3)
+    assert rows["hapt-dir0.1/hypemefed/s0"]["local_mean"] == pytest.approx(0.375)  # 15..60
     line = acc.equal_round_table([rows["hapt-dir0.1/hypemefed/s0"]]).splitlines()[2]
-    assert line == "| hapt-dir0.1/hypemefed/s0 | 60 | 60 | 30.0 | cuda |"
+    assert line == "| hapt-dir0.1/hypemefed/s0 | 60 | 60 | 30.0 | 37.5 | cuda |"
 
 
 def test_recorded_runs_are_the_records_complete_ones(tmp_path, monkeypatch):

@@ -23,8 +23,8 @@ pack() { tar czf "$OUT/runs.tmp" --exclude checkpoint.hmf --exclude '*.tmp' -C "
 PACKER=$!
 [ "$SCALE" = full ] || $PY .gpu/make_small.py .gpu || exit 1
 CIFAR=.gpu/small; [ "$SCALE" = full ] && CIFAR=.gpu
-PYTHONUNBUFFERED=1 $PY bench/accuracy.py run --scale "$SCALE" --device cuda --jobs "${JOBS:-16}" --threads "${THREADS:-1}" \
-  --runs "$RUNS" --cifar-dir "$CIFAR" --extras --only "$ONLY" \
+PYTHONUNBUFFERED=1 $PY bench/accuracy.py run --scale "$SCALE" --device cuda --jobs "${JOBS:-16}" \
+  --threads "${THREADS:-1}" --runs "$RUNS" --cifar-dir "$CIFAR" --extras --only "$ONLY" \
   ${DEADLINE:+--deadline-s "$DEADLINE"} \
   2>&1 | tee "$OUT/${SCALE}_scale.log"
 kill $PACKER; pack

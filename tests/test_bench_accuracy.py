@@ -161,6 +161,26 @@ def test_bar_pairs_seeds_and_judges_fedavg_at_exit_3_and_the_rest_at_exits_1_and
     assert "| +6.5 [+3.0, +10.0] | met |" in line
 
 
+def test_the_full_scales_bar_also_shows_the_late_gap_at_exit_3():
+    def run(e3_final, e3_late):
+        return {**finals(0.5, 0.5, e3_final, 300), "late_global": {"3": e3_late}}
+
+    runs = {"hapt-dir0.1/hypemefed/s0": run(0.20, 0.40), "hapt-dir0.1/fedavg/s0": run(0.30, 0.30),
+            "hapt-dir0.1/hypemefed/s1": run(0.25, 0.50), "hapt-dir0.1/fedavg/s1": run(0.30, 0.32),
+            "hapt-dir0.1/depthwise/s0": finals(0.5, 0.5, 0.5, 300)}  # recorded without late
+    rows = {r["baseline"]: r for r in acc.bar_rows(runs)}
+    assert rows["fedavg"]["gap"]["3"] == pytest.approx((-10 - 5) / 2)
+    assert rows["fedavg"]["late_gap_3"] == pytest.approx((10 + 18) / 2)
+    assert rows["fedavg"]["bar"] == "not met"  # the bar is judged on final accuracy
+    assert rows["depthwise"]["late_gap_3"] is None
+    plain = acc.bar_table([rows["fedavg"]]).splitlines()
+    late = acc.bar_table([rows["fedavg"], rows["depthwise"]], late=True)
+    head, _, line, blank = late.splitlines()
+    assert "late" not in plain[0] and "| exit 3 | exit 3 (late) | bar |" in head
+    assert line.endswith("| -7.5 [-10.0, -5.0] | +14.0 | not met |")
+    assert blank.endswith("| - | not met |") and len(blank.split("|")) == len(head.split("|"))
+
+
 def test_a_run_cut_short_is_compared_only_at_the_round_its_whole_setting_reached():
     def run(rounds, curve, planned=300):
         return {**finals(0.5, 0.5, curve[-1][1], rounds), "rounds_planned": planned,

@@ -556,15 +556,15 @@ def bar_table(rows: list[dict[str, Any]], late: bool = False) -> str:
         spread = f" [{r['gap_min'][e]:+.1f}, {r['gap_max'][e]:+.1f}]" if r["seeds"] > 1 else ""
         return f"{r['gap'][e]:+.1f}{spread}"
 
-    def late_cell(r: dict[str, Any]) -> str:
-        return "-" if r.get("late_gap_3") is None else f"{r['late_gap_3']:+.1f}"
+    def cells(r: dict[str, Any]) -> list[str]:
+        late_gap = "-" if r.get("late_gap_3") is None else f"{r['late_gap_3']:+.1f}"
+        return [r["setting"], r["hypemefed"], r["baseline"], str(r["seeds"]), cell(r, "1"),
+                cell(r, "2"), cell(r, "3"), *([late_gap] if late else []), r["bar"]]
 
-    head = ("| setting | HypeMeFed run | baseline | seeds | exit 1 | exit 2 | exit 3 | "
-            + ("exit 3 (late) | " if late else "") + "bar |")
-    lines = [head, "|" + "---|" * (9 if late else 8)]
-    lines += [f"| {r['setting']} | {r['hypemefed']} | {r['baseline']} | {r['seeds']} | "
-              f"{cell(r, '1')} | {cell(r, '2')} | {cell(r, '3')} | "
-              + (f"{late_cell(r)} | " if late else "") + f"{r['bar']} |" for r in rows]
+    head = ["setting", "HypeMeFed run", "baseline", "seeds", "exit 1", "exit 2", "exit 3",
+            *(["exit 3 (late)"] if late else []), "bar"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 

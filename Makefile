@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(BIN)/hmf: requirements-device.txt requirements-cloud.txt requirements-dev.txt pyproject.toml
+$(BIN)/hmf: requirements-device-serve.txt requirements-device.txt requirements-cloud.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .

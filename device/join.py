@@ -56,6 +56,27 @@ def auto_tier(model_dir: str | Path, budget_ms: float, *, runs: int = 20,
     return tier, report
 
 
+TORCH_MISSING = (
+    "hmf-device join trains the model on this device and needs torch, which this environment "
+    "lacks (a serve-only install: hmf-device profile and predict work without it). Install "
+    "it with scripts/install-device.sh (without --serve-only), which takes torch's CPU build "
+    "from https://download.pytorch.org/whl/cpu; on a Jetson, NVIDIA's torch wheel "
+    "(docs/DEVICE.md, \"Device install\"). Not `pip install torch`: PyPI's is a multi-GB CUDA "
+    "build on x86-64 and aarch64.")
+
+
+def _import_torch() -> Any:
+    """torch, or a click error saying how to get it: only join trains, so a board that only
+    serves graphs is installed without torch (requirements-device-serve.txt)."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":  # torch is there but broken: its own error says more
+            raise
+        raise click.ClickException(TORCH_MISSING) from None
+    return torch
+
+
 @click.command("join")
 @click.option("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT.")
 @click.option("--device-id", required=True, help="This device's id (its broker user name).")
@@ -96,7 +117,7 @@ def join(broker: str, device_id: str, data_path: str, tier: int | str | None,
          tls_cert: str | None, tls_key: str | None, threads: int | None, retry_s: float,
          stay: bool, serve_latest: bool) -> None:
     """Join a fleet: announce, train what the cloud assigns, upload, repeat until the run ends."""
-    import torch
+    torch = _import_torch()
 
     from common import protocol as p
     from common.mqtt_link import broker_settings

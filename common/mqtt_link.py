@@ -9,7 +9,9 @@ even a slow disk write) stops keepalives and the broker drops the client. The ow
 from __future__ import annotations
 
 import queue
+import socket
 import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 QOS = 1
+RETRY_MIN_S, RETRY_MAX_S = 1, 16  # paho's reconnect backoff: 1, 2, 4, 8, 16, 16, ... s
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,11 @@ def broker_settings(url: str, username: str | None = None, password_file: str | 
 class Link:
     """A paho client whose callbacks only enqueue events:
     ``("connected",)``, ``("disconnected", reason)``, ``("message", topic, payload)``,
-    ``("published", mid)``. Subscriptions are renewed on every (re)connect."""
+    ``("published", mid)``, and for a connection attempt that failed
+    ``("unreachable", reason, retry_s)`` (no MQTT connection: refused port, unknown host,
+    timeout, TLS) or ``("refused", reason, retry_s)`` (the broker said no, e.g. "Not
+    authorized"), where ``retry_s`` is how long paho waits before the next attempt.
+    Subscriptions are renewed on every (re)connect."""
 
     def __init__(self, client_id: str, settings: BrokerSettings,
                  subscriptions: list[str], will: tuple[str, bytes] | None = None,
@@ -68,7 +75,9 @@ class Link:
                                   client_id=client_id, clean_session=True)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=16)
+        self.client.reconnect_delay_set(min_delay=RETRY_MIN_S, max_delay=RETRY_MAX_S)
+        self._waits = 0  # paho's backoff steps since the last successful connection
+        self._first_attempt = True
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if settings.tls:
@@ -77,6 +86,7 @@ class Link:
         if will:
             self.client.will_set(will[0], will[1], qos=QOS, retain=True)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
@@ -84,9 +94,11 @@ class Link:
     # -- paho callbacks: enqueue only -------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        self._first_attempt = False
         if reason.is_failure:
-            self.events.put(("refused", str(reason)))
+            self.events.put(("refused", str(reason), self._next_wait()))
             return
+        self._waits = 0
         for topic in self.subscriptions:
             client.subscribe(topic, qos=QOS)  # non-blocking: queues a SUBSCRIBE packet
         self.connected.set()
@@ -94,8 +106,22 @@ class Link:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
+        if self.connected.is_set():  # a lost connection: paho waits once before retrying
+            self._next_wait()
         self.connected.clear()
         self.events.put(("disconnected", str(reason)))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its ``except OSError`` block: the error is the reason.
+        # After a failed first attempt paho 2.x waits twice (1 s, then 2 s) before the next.
+        wait = self._next_wait() + (self._next_wait() if self._first_attempt else 0)
+        self._first_attempt = False
+        self.events.put(("unreachable", describe_error(sys.exc_info()[1]), wait))
+
+    def _next_wait(self) -> int:
+        """The wait paho is about to start: it doubles after each failure in a row."""
+        self._waits += 1
+        return min(RETRY_MIN_S * 2 ** (self._waits - 1), RETRY_MAX_S)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.events.put(("message", msg.topic, msg.payload))
@@ -124,3 +150,18 @@ class Link:
                 pass
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def describe_error(e: BaseException | None) -> str:
+    """Why a connection attempt failed, in a few words ("connection refused", "timed out")."""
+    if e is None:
+        return "no connection"
+    if isinstance(e, socket.gaierror):
+        return f"unknown host ({e.strerror or e})"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS: {e.reason or e}"
+    if isinstance(e, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return str(e) or type(e).__name__

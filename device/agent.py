@@ -48,6 +48,11 @@ class Stop(Exception):
     """Raised by the signal handler to leave whatever the device is doing, training included."""
 
 
+class BrokerUnreachable(RuntimeError):
+    """No connection to the broker within ``connect_timeout``: the message says why and what to
+    check."""
+
+
 def load_device_data(path: str | Path) -> dict[str, np.ndarray]:
     """x (float32), y (int64), and optionally test_x, test_y: never unpickled."""
     with np.load(path, allow_pickle=False) as f:
@@ -67,8 +72,15 @@ class DeviceAgent:
     def __init__(self, device_id: str, broker: BrokerSettings, data: dict[str, np.ndarray],
                  work_dir: str | Path, tier: int | None = None, retry_s: float = 10.0,
                  stay: bool = False, log: Callable[[str], None] = print,
-                 serving: ModelFetcher | None = None) -> None:
+                 serving: ModelFetcher | None = None,
+                 connect_timeout: float | None = None) -> None:
+        """``connect_timeout``: seconds to try to reach the broker after ``run`` starts before
+        giving up (``BrokerUnreachable``); None: forever. Only the first connection is bounded:
+        a device that was connected waits for a restarted broker however long it takes."""
         self.id = p.check_device_id(device_id)
+        self.connect_timeout = connect_timeout
+        self.ever_connected = False
+        self.last_failure: tuple[str, str] | None = None  # ("unreachable"|"refused", reason)
         self.data, self.tier, self.retry_s, self.stay, self.log = data, tier, retry_s, stay, log
         self.serving = serving
         self.work = Path(work_dir)
@@ -96,11 +108,16 @@ class DeviceAgent:
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         """Until the run finishes (or forever with ``stay``), or SIGINT/SIGTERM: exit code 0."""
+        """Raises ``BrokerUnreachable`` when no connection was made within ``connect_timeout``."""
+        previous = {}
         if threading.current_thread() is threading.main_thread():  # (tests run agents in threads)
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
-        self.log(f"{self.id}: joining {self.link.settings.host}:{self.link.settings.port} "
-                 f"({len(self.data['x'])} samples, tier {self.tier or 'as assigned'})")
+                previous[sig] = signal.signal(sig, self._on_signal)
+        bound = (f"; giving up after {self.connect_timeout:g} s without a connection"
+                 if self.connect_timeout else "")
+        self.log(f"{self.id}: joining {self.broker} ({len(self.data['x'])} samples, tier "
+                 f"{self.tier or 'as assigned'}){bound}")
+        deadline = time.monotonic() + (self.connect_timeout or float("inf"))
         self.link.start()
         try:
             while not self.stopping:
@@ -109,13 +126,36 @@ class DeviceAgent:
                     self._handle(ev)
                 except queue.Empty:
                     pass
+                if not self.ever_connected and time.monotonic() > deadline:
+                    raise BrokerUnreachable(self._unreachable_message())
                 self._retry()
         except Stop:
             self.log(f"{self.id}: stopping on signal")
         finally:
             bye = p.make_control("bye", device=self.id, reason="left")
             self.link.stop(last=(self.topic("presence"), bye))
+            for sig, handler in previous.items():  # an agent run in-process leaves no trace
+                signal.signal(sig, handler)
         return 0
+
+    @property
+    def broker(self) -> str:
+        return f"{self.link.settings.host}:{self.link.settings.port}"
+
+    def _unreachable_message(self) -> str:
+        """Why joining gave up, and what to check."""
+        kind, reason = self.last_failure or ("unreachable", "no answer")
+        waited = f"{self.connect_timeout:g} s"
+        forever = "; --connect-timeout 0 waits forever"
+        if kind == "refused":
+            check = ("check --username and --password-file (the user name defaults to the "
+                     "device id) against the broker's password file" if _is_auth(reason)
+                     else "check the broker's log")
+            return (f"the broker at {self.broker} refused this device for {waited} "
+                    f"({reason}): {check}{forever}")
+        return (f"could not reach the broker at {self.broker} within {waited} (last attempt: "
+                f"{reason}): check --broker and that the broker runs and is reachable from "
+                f"this device{forever}")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -124,6 +164,7 @@ class DeviceAgent:
 
     def _handle(self, ev: tuple[Any, ...]) -> None:
         if ev[0] == "connected":
+            self.ever_connected, self.last_failure = True, None
             self.log(f"{self.id}: connected; hello sent")
             hello = p.make_control("hello", device=self.id, tier=self.tier,
                                    samples=len(self.data["x"]), software=SOFTWARE)
@@ -132,14 +173,25 @@ class DeviceAgent:
             if self.serving:
                 self.serving.reconnected()
         elif ev[0] == "disconnected":
-            self.log(f"{self.id}: lost the broker ({ev[1]}): reconnecting with backoff")
-        elif ev[0] == "refused":
-            self.log(f"{self.id}: the broker refused the connection: {ev[1]}")
+            if self.last_failure is None:  # not the close that follows a refused connection
+                self.log(f"{self.id}: lost the broker ({ev[1]}): reconnecting with backoff")
+        elif ev[0] in ("unreachable", "refused"):
+            self._on_connect_failed(ev[0], ev[1], ev[2])
         elif ev[0] == "message":
             try:
                 self._on_message(ev[1], ev[2])
             except p.ProtocolError as e:
                 self.log(f"{self.id}: ignored a message on {ev[1]}: {e}")
+
+    def _on_connect_failed(self, kind: str, reason: str, retry_s: int) -> None:
+        """Says what the device is waiting for, each time an attempt fails."""
+        self.last_failure = (kind, reason)
+        if kind == "refused":
+            hint = "; check --username/--password-file" if _is_auth(reason) else ""
+            what = f"the broker at {self.broker} refused the connection ({reason}{hint})"
+        else:
+            what = f"cannot reach the broker at {self.broker} ({reason})"
+        self.log(f"{self.id}: {what}; retrying in {retry_s} s")
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == p.cloud_topic("status"):
@@ -425,6 +477,12 @@ class DeviceAgent:
 JOB_PHASE = {"task": "open", "calibrate": "calibrating"}  # job type -> its round's state
 
 
+def _is_auth(reason: str) -> bool:
+    """A refusal about credentials (MQTT 3.1.1 "Not authorized", MQTT 5 "Bad user name or
+    password")."""
+    return "authori" in reason.lower() or "password" in reason.lower()
+
+
 def _key(task: dict[str, Any]) -> tuple[str, int, str, int | None]:
     """What makes two jobs the same work: run, round, weights and seed (None: calibration)."""
     return (task["run"], task["round"], task["weights"].sha256, task.get("seed"))
@@ -445,4 +503,4 @@ def _model_name(job: dict[str, Any]) -> str:
     return job["model"]
 
 
-__all__ = ["DeviceAgent", "Stop", "load_device_data"]
+__all__ = ["BrokerUnreachable", "DeviceAgent", "Stop", "load_device_data"]

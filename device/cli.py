@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 import click
 import numpy as np
 
-from device.join import join
-from device.runtime import DeviceModel, ManifestError, Prediction
+from device.join import budget_arg, join
+from device.runtime import DEFAULT_BATCH, STATUS_TEXT, DeviceModel, ManifestError, Prediction
 
 _MODEL_DIR = click.option("--model-dir", required=True,
                           type=click.Path(exists=True, file_okay=False),
@@ -52,13 +53,21 @@ def hmf_device() -> None:
     """HypeMeFed on a device: profile and run exported models."""
 
 
+def _threshold_arg(ctx: click.Context, param: click.Parameter, value: float | None
+                   ) -> float | None:
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("must be a number between 0 and 1, not NaN")
+    return value
+
+
 @hmf_device.command()
 @_MODEL_DIR
-@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Timed runs per exit (after 3 warm-up runs).")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Timed runs per exit, the exits interleaved (after 3 warm-up rounds).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--budget-ms", type=float, default=None,
-              help="Latency budget: report the deepest tier whose p95 fits it.")
+@click.option("--budget-ms", type=float, default=None, callback=budget_arg,
+              help="Latency budget (positive, ms): report the deepest tier k whose exits "
+                   "1..k all have their p95 within it.")
 @_PRECISION
 @_THREADS
 @_PROVIDERS
@@ -78,15 +87,15 @@ def profile(model_dir: str, runs: int, batch: int, budget_ms: float | None, prec
         report["budget_ms"] = budget_ms
         report["deepest_tier_within_budget"] = tier_within(report, budget_ms)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2, allow_nan=False))
         return
     _print_profile(report)
 
 
 def _print_profile(r: dict[str, Any]) -> None:
     s = r["system"]
-    click.echo(f"{r['model']} ({r['precision']}), batch {r['batch']}, {r['runs']} runs, "
-               f"threads {r['threads'] or 'default'}")
+    click.echo(f"{r['model']} ({r['precision']}), batch {r['batch']}, {r['runs']} runs per exit "
+               f"(interleaved), threads {r['threads'] or 'default'}")
     click.echo(f"cpu: {s['cpu']} ({s['machine']}, {s['cores']} cores), onnxruntime "
                f"{s['onnxruntime']}")
     click.echo(f"{'exit':>4} {'median ms':>10} {'p95 ms':>9} {'p99 ms':>9} {'samples/s':>10} "
@@ -106,75 +115,147 @@ def _print_profile(r: dict[str, Any]) -> None:
         click.echo(f"{when}: hottest zone {hottest}, throttled {throttled}, clock {clock}")
     if "budget_ms" in r:
         tier = r["deepest_tier_within_budget"]
-        click.echo(f"deepest tier within {r['budget_ms']} ms (p95): "
+        click.echo(f"deepest tier within {r['budget_ms']:g} ms (exits 1..k all by p95): "
                    f"{tier if tier else 'none (even exit 1 is over budget)'}")
 
 
-def _load_input(path: str, key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Samples (key ``x``, or the only array, or ``--key``) and labels ``y`` if present; never
-    unpickles (a .npz from elsewhere may hold a pickle that runs code)."""
+def _open_input(path: str, key: str | None) -> tuple[Any, np.ndarray | None]:
+    from device.inputs import InputError, open_samples
+
     try:
-        with np.load(path, allow_pickle=False) as f:
-            names = list(f.keys())
-            k = key or ("x" if "x" in names else names[0] if len(names) == 1 else None)
-            if k is None or k not in names:
-                raise click.BadParameter(f"{path} holds {', '.join(names)}: name the samples "
-                                         "with --key", param_hint="--input")
-            return f[k], (f["y"] if "y" in names and k != "y" else None)
-    except (OSError, ValueError) as e:
-        raise click.BadParameter(f"cannot read {path}: {e}", param_hint="--input") from None
+        return open_samples(path, key)
+    except InputError as e:
+        raise click.BadParameter(str(e), param_hint="--input") from None
+
+
+def _labels(y: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Labels usable for an accuracy, or None with a warning on stderr saying why not."""
+    if y is None:
+        return None
+    why = None
+    if y.dtype.kind not in "iu":
+        why = f"they are {y.dtype}, not integers"
+    elif y.size != n:
+        why = f"there are {y.size} for {n} samples"
+    if why:
+        click.echo(f"warning: labels y ignored (no accuracy): {why}", err=True)
+        return None
+    return y.reshape(-1)
 
 
 @hmf_device.command()
 @_MODEL_DIR
 @click.option("--input", "input_path", required=True,
               type=click.Path(exists=True, dir_okay=False),
-              help=".npz with samples under 'x' (labels under 'y' give an accuracy).")
+              help=".npz with samples under 'x' (labels under 'y' give an accuracy), or a .npy "
+                   "of samples.")
 @click.option("--key", default=None, help="Array of the .npz holding the samples.")
 @click.option("--exit", "exit_k", type=click.IntRange(min=1), default=None,
               help="Classify at this exit (default: the deepest exported).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              callback=_threshold_arg,
               help="Cascade: stop at the first exit whose softmax confidence reaches it.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH,
+              show_default=True, help="Samples per ONNX Runtime call (bounds memory).")
 @_PRECISION
 @_THREADS
 @_PROVIDERS
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def predict(model_dir: str, input_path: str, key: str | None, exit_k: int | None,
-            threshold: float | None, precision: str, threads: int | None, providers: str,
-            as_json: bool) -> None:
-    """Classify the samples of an .npz at one exit or with early exit."""
+            threshold: float | None, batch_size: int, precision: str, threads: int | None,
+            providers: str, as_json: bool) -> None:
+    """Classify the samples of a .npz or .npy at one exit or with early exit.
+
+    Samples holding NaN or Inf get no label (they are reported as invalid and left out of the
+    counts and the accuracy); the exit status is 1 only when not one sample could be labelled.
+    """
     if exit_k is not None and threshold is not None:
         raise click.UsageError("give --exit or --threshold, not both")
-    x, y = _load_input(input_path, key)
+    x, y = _open_input(input_path, key)
     try:
         model = DeviceModel(_pinned(model_dir), precision=precision, threads=threads,
                             providers=_provider_list(providers))
-        pred = (model.cascade(x, threshold) if threshold is not None
-                else model.predict(x, exit_k))
-    except (ManifestError, ValueError) as e:
+    except ManifestError as e:
         raise click.ClickException(str(e)) from None
-    _print_predictions(pred, model.manifest.class_names, y, as_json)
+    x = _checked_samples(model, x, exit_k, input_path)
+    labels = _labels(y, len(x))
+    try:
+        warnings = model.input_warnings(x, batch_size)
+        pred = (model.cascade(x, threshold, batch_size=batch_size) if threshold is not None
+                else model.predict(x, exit_k, batch_size=batch_size))
+    except ManifestError as e:
+        raise click.ClickException(str(e)) from None
+    for w in warnings:
+        click.echo(f"warning: {input_path}: {w}", err=True)
+    summary = _summary(pred, labels, warnings)
+    _print_predictions(pred, model.manifest.class_names, summary, as_json)
+    if len(pred.labels) and not pred.valid.any():
+        raise click.ClickException(f"not one of the {len(pred.labels)} samples could be "
+                                   "classified: every one holds NaN or Inf (or gave non-finite "
+                                   "logits); check the sensor or the export")
 
 
-def _print_predictions(p: Prediction, names: list[str], y: np.ndarray | None,
+def _checked_samples(model: DeviceModel, x: Any, exit_k: int | None, path: str) -> Any:
+    """The samples as a batch that fits the model, checked before anything runs."""
+    try:
+        x = model.as_batch(x)
+    except ValueError as e:
+        raise click.BadParameter(f"{path}: {e}", param_hint="--input") from None
+    if len(x) == 0:
+        raise click.BadParameter(f"{path} holds no samples", param_hint="--input")
+    if exit_k is not None and exit_k not in model.exits:
+        raise click.BadParameter(f"this export has exits {model.exits} at {model.precision}",
+                                 param_hint="--exit")
+    return x
+
+
+def _summary(p: Prediction, y: np.ndarray | None, warnings: list[str]) -> dict[str, Any]:
+    """Counts over the labelled samples only; invalid ones are counted by reason."""
+    valid = p.valid
+    exits, counts = np.unique(p.exits[valid], return_counts=True)
+    summary: dict[str, Any] = {
+        "samples": len(p.labels), "valid": int(valid.sum()),
+        "invalid": {STATUS_TEXT[int(s)]: int(n) for s, n in
+                    zip(*np.unique(p.status[~valid], return_counts=True), strict=True)},
+        "exits": {int(k): int(n) for k, n in zip(exits, counts, strict=True)}}
+    if y is not None and valid.any():
+        summary["accuracy"] = float((p.labels[valid] == y[valid]).mean())
+    summary["warnings"] = warnings
+    return summary
+
+
+def _row(i: int, p: Prediction, names: list[str]) -> dict[str, Any]:
+    if not p.valid[i]:
+        return {"index": i, "label": None, "class": None, "exit": None, "confidence": None,
+                "invalid": STATUS_TEXT[int(p.status[i])]}
+    label = int(p.labels[i])
+    return {"index": i, "label": label, "class": names[label], "exit": int(p.exits[i]),
+            "confidence": round(float(p.confidences[i]), 6), "invalid": None}
+
+
+def _print_predictions(p: Prediction, names: list[str], summary: dict[str, Any],
                        as_json: bool) -> None:
-    rows = [{"index": i, "label": int(lb), "class": names[lb], "exit": int(e),
-             "confidence": round(float(c), 6)}
-            for i, (lb, e, c) in enumerate(zip(p.labels, p.exits, p.confidences, strict=True))]
-    summary: dict[str, Any] = {"samples": len(rows),
-                               "exits": {int(k): int(n) for k, n in
-                                         zip(*np.unique(p.exits, return_counts=True),
-                                             strict=True)}}
-    if y is not None and len(y) == len(rows):
-        summary["accuracy"] = float((p.labels == np.asarray(y).reshape(-1)).mean())
+    """One row per sample, then the summary; streamed, so output memory stays flat. JSON is
+    strict (no NaN or Infinity tokens: invalid samples have nulls)."""
+    n = len(p.labels)
     if as_json:
-        click.echo(json.dumps({"predictions": rows, "summary": summary}))
+        click.echo('{"predictions": [', nl=False)
+        for i in range(n):
+            sep = ", " if i else ""
+            click.echo(sep + json.dumps(_row(i, p, names), allow_nan=False), nl=False)
+        click.echo('], "summary": ' + json.dumps(summary, allow_nan=False) + "}")
         return
-    for r in rows:
-        click.echo(f"{r['index']:>6}  {r['class']:<20} exit {r['exit']}  "
-                   f"confidence {r['confidence']:.3f}")
-    acc = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
-    click.echo(f"{summary['samples']} samples, per exit {summary['exits']}{acc}")
+    for i in range(n):
+        r = _row(i, p, names)
+        if r["invalid"]:
+            click.echo(f"{i:>6}  invalid: {r['invalid']}")
+        else:
+            click.echo(f"{i:>6}  {r['class']:<20} exit {r['exit']}  "
+                       f"confidence {r['confidence']:.3f}")
+    invalid = "".join(f", {k} invalid ({reason})" for reason, k in summary["invalid"].items())
+    acc = (f", accuracy {summary['accuracy']:.4f} of {summary['valid']} labelled"
+           if "accuracy" in summary else "")
+    click.echo(f"{summary['samples']} samples, per exit {summary['exits']}{invalid}{acc}")
 
 
 hmf_device.add_command(join)

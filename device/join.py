@@ -5,6 +5,7 @@ start fast."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ def default_model_dir(work_dir: str | Path) -> Path:
     return root / CURRENT if (root / CURRENT).exists() else root
 
 
+def _timeout_arg(ctx: click.Context, param: click.Parameter, value: float) -> float | None:
+    """``--connect-timeout``: seconds, or None (0 or infinity) to wait for the broker forever."""
+    if math.isnan(value):
+        raise click.BadParameter("must be a number of seconds (0: wait forever)")
+    return None if value == 0 or math.isinf(value) else value
+
+
 def _tier_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
     if value is None or value == "auto":
         return value
@@ -30,29 +38,38 @@ def _tier_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     raise click.BadParameter(f"{value!r}: 1, 2, 3 or auto")
 
 
-def auto_tier(model_dir: str | Path, budget_ms: float, *, runs: int = 20,
+def budget_arg(ctx: click.Context, param: click.Parameter, value: float | None
+               ) -> float | None:
+    """``--budget-ms``: a positive, finite number of milliseconds (or not given)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a positive number of milliseconds (got {value})")
+    return value
+
+
+def auto_tier(model_dir: str | Path, budget_ms: float, *, runs: int = 100,
               precision: str = "fp32", threads: int | None = None,
               log: Any = print) -> tuple[int, dict[str, Any]]:
-    """``--tier auto``: profiles the exit graphs in ``model_dir`` (``hmf export onnx``'s) and
-    returns the deepest tier whose p95 latency fits ``budget_ms``, with the profile. Logs each
-    exit's measured latency and the choice. Raises ``ValueError`` (``ManifestError``) when there
-    is no intact export in ``model_dir`` or when even exit 1 misses the budget (tier 0)."""
-    from device.profile import deepest_tier_within, profile
+    """``--tier auto``: profiles the exit graphs in ``model_dir`` (``hmf export onnx``'s), the
+    exits interleaved, and returns the deepest tier k whose exits 1..k all have their p95
+    latency within ``budget_ms``, with the profile. Logs each exit's measured latency and the
+    choice. Raises ``ValueError`` (``ManifestError``) when there is no intact export in
+    ``model_dir`` or when even exit 1 misses the budget (tier 0)."""
+    from device.profile import check_budget, profile, tier_within
 
-    if not budget_ms > 0:
-        raise ValueError(f"--budget-ms must be positive (got {budget_ms})")
+    check_budget(budget_ms)
     report = profile(model_dir, runs=runs, threads=threads, precision=precision)
-    tier = deepest_tier_within(model_dir, budget_ms, report=report)
+    tier = tier_within(report, budget_ms)
     for row in report["exits"]:
         fits = "fits" if row["p95_ms"] <= budget_ms else "over"
         log(f"exit {row['exit']}: p95 {row['p95_ms']:.3f} ms, median {row['median_ms']:.3f} ms "
             f"({row['runs']} runs, {precision}) -> {fits} the {budget_ms:g} ms budget")
     if tier == 0:
-        fastest = min(row["p95_ms"] for row in report["exits"])
-        raise ValueError(f"no tier fits the {budget_ms:g} ms budget on this device: even exit 1 "
-                         f"takes {fastest:.3f} ms (p95) with the graphs in {model_dir}; raise "
-                         "--budget-ms or give a --tier explicitly")
-    log(f"tier auto: chose tier {tier} (the deepest exit whose p95 fits {budget_ms:g} ms)")
+        first = report["exits"][0]
+        raise ValueError(f"no tier fits the {budget_ms:g} ms budget on this device: even exit "
+                         f"{first['exit']} takes {first['p95_ms']:.3f} ms (p95) with the graphs "
+                         f"in {model_dir}; raise --budget-ms or give a --tier explicitly")
+    log(f"tier auto: chose tier {tier} (the deepest tier whose exits 1..{tier} all have their "
+        f"p95 within {budget_ms:g} ms)")
     return tier, report
 
 
@@ -86,8 +103,9 @@ def _import_torch() -> Any:
               help="Deepest tier this device can train; deeper tasks are refused. auto: the "
                    "deepest exit whose p95 latency fits --budget-ms, measured on the ONNX "
                    "graphs in --model-dir.")
-@click.option("--budget-ms", type=float, default=None,
-              help="Latency budget per inference for --tier auto (p95, batch 1).")
+@click.option("--budget-ms", type=float, default=None, callback=budget_arg,
+              help="Latency budget per inference for --tier auto (positive, ms; p95, "
+                   "batch 1).")
 @click.option("--model-dir", type=click.Path(file_okay=False), default=None,
               help=f"Graphs of `hmf export onnx` for --tier auto [default: "
                    f"WORK_DIR/{MODEL_SUBDIR}/current, else WORK_DIR/{MODEL_SUBDIR}].")
@@ -111,17 +129,22 @@ def _import_torch() -> Any:
 @click.option("--retry-s", type=float, default=10.0, show_default=True,
               help="Repeat a request after this long without an answer.")
 @click.option("--stay", is_flag=True, help="Keep waiting for a new run when this one ends.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=60.0,
+              show_default=True, callback=_timeout_arg,
+              help="Give up (exit status 1) when the broker cannot be reached, or refuses this "
+                   "device, for this many seconds after the start; 0: keep trying forever. "
+                   "Once connected, a lost broker is always waited for.")
 def join(broker: str, device_id: str, data_path: str, tier: int | str | None,
          budget_ms: float | None, model_dir: str | None, precision: str, work_dir: str,
          username: str | None, password_file: str | None, tls_ca: str | None,
          tls_cert: str | None, tls_key: str | None, threads: int | None, retry_s: float,
-         stay: bool, serve_latest: bool) -> None:
+         stay: bool, serve_latest: bool, connect_timeout: float | None) -> None:
     """Join a fleet: announce, train what the cloud assigns, upload, repeat until the run ends."""
     torch = _import_torch()
 
     from common import protocol as p
     from common.mqtt_link import broker_settings
-    from device.agent import DeviceAgent, load_device_data
+    from device.agent import BrokerUnreachable, DeviceAgent, load_device_data
     from device.serving import ModelFetcher
 
     try:
@@ -149,6 +172,10 @@ def join(broker: str, device_id: str, data_path: str, tier: int | str | None,
         serving = ModelFetcher(Path(work_dir) / MODEL_SUBDIR, device_id, tier, (precision,),
                                retry_s, log=log)
     agent = DeviceAgent(device_id, settings, data, work_dir, tier, retry_s, stay, log=log,
-                        serving=serving)
-    raise SystemExit(agent.run())
+                        serving=serving, connect_timeout=connect_timeout)
+    try:
+        code = agent.run()
+    except BrokerUnreachable as e:
+        raise click.ClickException(str(e)) from None
+    raise SystemExit(code)
 

@@ -9,12 +9,14 @@ medians and tails (p95, p99) rather than a single run. ``deepest_tier_within`` i
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,74 +158,127 @@ def summarize(times_s: list[float], batch: int) -> dict[str, float]:
             "min_ms": float(ms.min()), "throughput_per_s": batch / (median / 1e3)}
 
 
-def time_runs(fn: Any, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+def interleaved_schedule(exits: list[int], runs: int) -> list[int]:
+    """The order in which the exits are timed: round after round, every exit once per round,
+    each round starting one exit later than the one before. Drift (a board heating up, a
+    governor changing the clock, a neighbour's load) then falls on every exit alike instead of
+    on whichever was measured last, and no exit always runs right after the same one."""
+    n = len(exits)
+    return [exits[(r + i) % n] for r in range(runs) for i in range(n)]
+
+
+def time_interleaved(fns: dict[int, Callable[[], Any]], runs: int, warmup: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[int, list[float]]:
+    """Seconds per call of each ``fns[k]``, ``runs`` calls each in ``interleaved_schedule``
+    order, after ``warmup`` untimed rounds."""
+    order = interleaved_schedule(sorted(fns), runs)
+    for k in order[:warmup * len(fns)]:
+        fns[k]()
+    times: dict[int, list[float]] = {k: [] for k in fns}
+    for k in order:
+        t = clock()
+        fns[k]()
+        times[k].append(clock() - t)
     return times
 
 
-def profile_exit(model: DeviceModel, k: int, *, runs: int, batch: int, warmup: int,
-                 seed: int = 0) -> dict[str, Any]:
-    """Latency and memory of exit ``k``'s graph on random input (its cost does not depend on the
-    values). Memory: the process's peak RSS while the session is built and run, and that peak
-    minus the RSS before (what this exit's session costs)."""
+def _random_input(model: DeviceModel, batch: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((batch, *model.manifest.input_shape))
+    return x.astype(np.float32)
+
+
+def exit_memory(model: DeviceModel, k: int, *, batch: int, warmup: int) -> dict[str, Any]:
+    """Memory of exit ``k`` alone: the process's peak RSS while its session is built and run
+    ``warmup`` times (ONNX Runtime allocates its buffers on the first runs), and that peak
+    minus the RSS before (what this exit's session costs). Every other session is closed."""
     model.close()
     gc.collect()
     exact = reset_peak_rss()
     before = rss_mb()
-    x = np.random.default_rng(seed).standard_normal((batch, *model.manifest.input_shape))
-    x = x.astype(np.float32)
     sess = model.session("exit", k)
-    feed = {sess.get_inputs()[0].name: x}
-    times = time_runs(lambda: sess.run(None, feed), runs, warmup)
+    feed = {sess.get_inputs()[0].name: _random_input(model, batch)}
+    for _ in range(max(warmup, 1)):
+        sess.run(None, feed)
     peak = peak_rss_mb()
-    entry = model.manifest.entry("exit", k, model.precision)
-    return {"exit": k, **summarize(times, batch), "runs": runs, "macs": entry["macs"],
-            "params": entry["params"], "peak_rss_mb": peak,
-            "session_mb": None if before is None or not exact else peak - before}
-
-
-def profile(model_dir: str | Path, *, runs: int = 50, batch: int = 1, threads: int | None = None,
-            precision: str = "fp32", warmup: int = 3, exits: list[int] | None = None,
-            providers: list[str] | None = None) -> dict[str, Any]:
-    """Per exit: median/p95/p99 latency, throughput and peak memory, with the machine, ONNX
-    Runtime's version and the thermal state before and after."""
-    if runs < 1 or batch < 1:
-        raise ValueError("runs and batch must be at least 1")
-    model = DeviceModel(model_dir, precision=precision, threads=threads, providers=providers)
-    before = thermal_state()
-    rows = [profile_exit(model, k, runs=runs, batch=batch, warmup=warmup)
-            for k in exits or model.exits]
     model.close()
+    return {"peak_rss_mb": peak, "session_mb": None if before is None or not exact
+            else peak - before}
+
+
+def exit_latencies(model: DeviceModel, exits: list[int], *, runs: int, batch: int,
+                   warmup: int) -> dict[int, list[float]]:
+    """Seconds per run of each exit's graph on random input (its cost does not depend on the
+    values), the exits interleaved (``interleaved_schedule``)."""
+    x = _random_input(model, batch)
+    fns = {}
+    for k in exits:
+        sess = model.session("exit", k)
+        feed = {sess.get_inputs()[0].name: x}
+        fns[k] = lambda sess=sess, feed=feed: sess.run(None, feed)
+    return time_interleaved(fns, runs, warmup)
+
+
+def profile(model_dir: str | Path, *, runs: int = 100, batch: int = 1,
+            threads: int | None = None, precision: str = "fp32", warmup: int = 3,
+            exits: list[int] | None = None, providers: list[str] | None = None
+            ) -> dict[str, Any]:
+    """Per exit: median/p95/p99 latency over ``runs`` interleaved runs, throughput and peak
+    memory, with the machine, ONNX Runtime's version and the thermal state before and after."""
+    if runs < 1 or batch < 1 or warmup < 0:
+        raise ValueError("runs and batch must be at least 1, warmup at least 0")
+    model = DeviceModel(model_dir, precision=precision, threads=threads, providers=providers)
+    exits = sorted(exits or model.exits)
+    before = thermal_state()
+    memory = {k: exit_memory(model, k, batch=batch, warmup=warmup) for k in exits}
+    times = exit_latencies(model, exits, runs=runs, batch=batch, warmup=warmup)
+    model.close()
+    rows = []
+    for k in exits:
+        entry = model.manifest.entry("exit", k, model.precision)
+        rows.append({"exit": k, **summarize(times[k], batch), "runs": runs,
+                     "macs": entry.get("macs"), "params": entry.get("params"), **memory[k]})
     return {"model": model.manifest.model, "model_dir": str(Path(model_dir).resolve()),
             "precision": precision, "batch": batch, "threads": threads, "runs": runs,
+            "timing": "interleaved: every exit once per round, rounds rotated",
             "providers": model.providers,
             "system": system_info(), "thermal_before": before, "thermal_after": thermal_state(),
             "exits": rows}
 
 
+def check_budget(budget_ms: float) -> float:
+    """A latency budget must be a positive, finite number of milliseconds."""
+    if not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms) and budget_ms > 0):
+        raise ValueError(f"the latency budget must be a positive number of milliseconds "
+                         f"(got {budget_ms})")
+    return float(budget_ms)
+
+
 def tier_within(report: dict[str, Any], budget_ms: float, stat: str = "p95_ms") -> int:
-    """The deepest exit of a profile whose ``stat`` latency is within ``budget_ms``; 0 if even
-    exit 1 is over budget."""
+    """The deepest tier k whose exits 1..k ALL have their ``stat`` latency within
+    ``budget_ms``; 0 if exit 1 does not. Exits are taken in order and the first one over budget
+    ends the search: a deeper exit that happens to measure faster than a shallower one (noise:
+    exit k+1 computes everything exit k does, and more) never raises the tier."""
     if stat not in STATS:
         raise ValueError(f"stat must be one of {', '.join(STATS)}")
-    fits = [row["exit"] for row in report["exits"] if row[stat] <= budget_ms]
-    return max(fits, default=0)
+    check_budget(budget_ms)
+    tier = 0
+    for row in sorted(report["exits"], key=lambda r: r["exit"]):
+        if not row[stat] <= budget_ms:
+            break
+        tier = row["exit"]
+    return tier
 
 
-def deepest_tier_within(model_dir: str | Path, budget_ms: float, *, runs: int = 20,
+def deepest_tier_within(model_dir: str | Path, budget_ms: float, *, runs: int = 100,
                         batch: int = 1, threads: int | None = None, precision: str = "fp32",
                         stat: str = "p95_ms", report: dict[str, Any] | None = None) -> int:
-    """The deepest tier whose exit answers within ``budget_ms`` on this device (by p95 latency
-    by default, so that the budget holds for nearly every call); 0 if none does.
+    """The deepest tier whose exits all answer within ``budget_ms`` on this device
+    (``tier_within``; by p95 latency by default, so that the budget holds for nearly every
+    call); 0 if none does.
 
     Profiles ``model_dir`` unless a ``report`` of ``profile`` is given.
     """
+    check_budget(budget_ms)
     if report is None:
         report = profile(model_dir, runs=runs, batch=batch, threads=threads,
                          precision=precision)

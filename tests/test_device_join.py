@@ -4,14 +4,18 @@ budget and announces it in its hello on a real mosquitto."""
 
 from __future__ import annotations
 
+import getpass
 import json
+import re
 import signal
+import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mqtt_broker import Broker, Proc, retained_presence
+from mqtt_broker import Broker, Proc, free_port, retained_presence
 
+from cloud.broker_config import password_hash
 from cloud.cli import hmf
 from common import protocol as p
 from device.cli import hmf_device
@@ -89,6 +93,56 @@ def test_tier_and_budget_arguments_are_checked(data, tmp_path):
     assert stray.exit_code == 2 and "--budget-ms needs --tier auto" in stray.output
     bad = runner.invoke(hmf_device, join_args(data, tmp_path, "--tier", "4"))
     assert bad.exit_code == 2 and "1, 2, 3 or auto" in bad.output
-    negative = runner.invoke(hmf_device, join_args(data, tmp_path, "--tier", "auto",
-                                                   "--budget-ms", "-1"))
-    assert negative.exit_code == 1 and "must be positive" in negative.output
+    for budget in ("-1", "0", "nan", "inf"):
+        refused = runner.invoke(hmf_device, join_args(data, tmp_path, "--tier", "auto",
+                                                      "--budget-ms", budget))
+        assert refused.exit_code == 2, refused.output
+        assert "must be a positive number of milliseconds" in refused.output
+    for timeout in ("-1", "nan"):
+        refused = runner.invoke(hmf_device, join_args(data, tmp_path, "--tier", "1",
+                                                      "--connect-timeout", timeout))
+        assert refused.exit_code == 2 and "--connect-timeout" in refused.output
+
+
+def test_a_closed_port_says_what_it_waits_for_and_gives_up(data, tmp_path):
+    """Nothing listens on the port: the device says so at every attempt and fails after
+    --connect-timeout with a message, not silence."""
+    port = free_port()
+    start = time.monotonic()
+    r = CliRunner().invoke(hmf_device, join_args(data, tmp_path / "w", "--tier", "1",
+                                                 "--no-serve-latest", "--connect-timeout", "2",
+                                                 broker=f"mqtt://127.0.0.1:{port}"))
+    took = time.monotonic() - start
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert took < 15, took
+    assert f"d1: joining 127.0.0.1:{port} (4 samples, tier 1); giving up after 2 s" in r.output
+    assert re.search(rf"d1: cannot reach the broker at 127\.0\.0\.1:{port} \(connection "
+                     rf"refused\); retrying in \d+ s", r.output)
+    assert (f"Error: could not reach the broker at 127.0.0.1:{port} within 2 s (last attempt: "
+            "connection refused): check --broker") in r.output
+    assert "--connect-timeout 0 waits forever" in r.output
+
+
+def test_a_wrong_password_fails_clearly(data, tmp_path):
+    """A real mosquitto with a password file: the device is refused ("Not authorized"),
+    says so and which options to check, and gives up after --connect-timeout."""
+    port = free_port()
+    (tmp_path / "passwd").write_text(f"d1:{password_hash('right')}\n")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\npersistence false\n"
+                    f"password_file {tmp_path / 'passwd'}\nuser {getpass.getuser()}\n")
+    (tmp_path / "wrong.txt").write_text("wrong\n")
+    broker = Broker(tmp_path, conf, port).start()
+    try:
+        r = CliRunner().invoke(hmf_device, join_args(
+            data, tmp_path / "w", "--tier", "1", "--no-serve-latest", "--connect-timeout", "2",
+            "--password-file", str(tmp_path / "wrong.txt"), broker=broker.url))
+    finally:
+        broker.stop()
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert re.search(rf"d1: the broker at 127\.0\.0\.1:{port} refused the connection \(Not "
+                     r"authorized; check --username/--password-file\); retrying in \d+ s",
+                     r.output)
+    assert "lost the broker" not in r.output  # it was never connected
+    assert (f"Error: the broker at 127.0.0.1:{port} refused this device for 2 s (Not "
+            "authorized): check --username and --password-file") in r.output

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from common import tensorfile
+from common import manifest, tensorfile
 
 SCHEMA = 1
 PREFIX = "hmf/v1"
@@ -41,7 +41,7 @@ MAGIC = b"HMFC"
 MAX_GRAPH_BYTES = 128 * 1024 * 1024  # one served ONNX graph (STL-10's deepest is ~23 MB)
 MAX_MANIFEST_BYTES = 1024 * 1024  # a served manifest.json (a few KB in practice)
 MAX_GRAPH_FILES = 64
-GRAPH_FORMAT = "hmf-onnx/1"
+GRAPH_FORMAT = manifest.FORMAT
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

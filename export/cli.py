@@ -39,6 +39,20 @@ def export() -> None:
               help="Exits to export as whole graphs (segments 1..max are always written).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write static int8 (QDQ) graphs calibrated on real data.")
+@click.option("--int8-scheme", type=click.Choice(["u8s8-rr", "u8s8", "u8u8"]),
+              default="u8s8-rr", show_default=True,
+              help="int8 kernels' number formats (docs/DEVICE.md, int8): u8s8-rr keeps fp32's "
+                   "answers on x86 CPUs without VNNI too.")
+@click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.97,
+              show_default=True,
+              help="An int8 graph ships only if its labels agree with fp32's on at least this "
+                   "share of the evaluation samples...")
+@click.option("--int8-max-drop", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="...and it loses at most this much accuracy (0.02: 2 points).")
+@click.option("--int8-on-failure", type=click.Choice(["fp32", "refuse"]), default="fp32",
+              show_default=True,
+              help="A graph over the bounds: leave its int8 version out (devices run fp32 "
+                   "there), or fail the export.")
 @click.option("--opset", type=click.IntRange(min=13), default=None,
               help="ONNX opset, 13 or later (per-channel int8 needs 13) [default: 17].")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -49,14 +63,23 @@ def export() -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Sample selection, and the weights of an untrained --model.")
 def onnx_command(checkpoint: str | None, model_name: str | None, out: str, tiers: str,
-                 quantize: str | None, opset: int | None, data_dir: str | None,
-                 calibration_samples: int, eval_samples: int, seed: int) -> None:
+                 quantize: str | None, int8_scheme: str, int8_min_agreement: float,
+                 int8_max_drop: float, int8_on_failure: str, opset: int | None,
+                 data_dir: str | None, calibration_samples: int, eval_samples: int,
+                 seed: int) -> None:
     """One ONNX graph per exit and per segment, checked against torch, with manifest.json."""
     import torch
 
     from common.data import DataError
     from export.data import export_data
-    from export.exporter import DEFAULT_OPSET, ExportCheckError, export_onnx, load_global_state
+    from export.exporter import (
+        DEFAULT_OPSET,
+        ExportCheckError,
+        Int8Policy,
+        export_onnx,
+        load_global_state,
+        sha256,
+    )
 
     if (checkpoint is None) == (model_name is None):
         raise click.UsageError("give exactly one of --checkpoint or --model")
@@ -64,8 +87,9 @@ def onnx_command(checkpoint: str | None, model_name: str | None, out: str, tiers
         if checkpoint is not None:
             state, meta, path = load_global_state(checkpoint)
             name = meta["model"]
-            source = {"checkpoint": str(path.resolve()), "round": meta.get("round"),
-                      "strategy": meta.get("strategy")}
+            # the file's name and hash, not its path: the build machine's paths stay home
+            source = {"checkpoint": path.name, "checkpoint_sha256": sha256(path),
+                      "round": meta.get("round"), "strategy": meta.get("strategy")}
         else:
             from common.models import build_model
 
@@ -76,8 +100,10 @@ def onnx_command(checkpoint: str | None, model_name: str | None, out: str, tiers
                       "note": "random initial weights: accuracies mean nothing"}
         data = export_data(name, data_dir, calibration=calibration_samples,
                            evaluation=eval_samples, seed=seed)
+        policy = Int8Policy(int8_scheme, int8_min_agreement, int8_max_drop, int8_on_failure)
         manifest = export_onnx(name, state, out, data, tiers=_tiers(tiers),
-                               opset=opset or DEFAULT_OPSET, quantize=quantize, source=source)
+                               opset=opset or DEFAULT_OPSET, quantize=quantize, source=source,
+                               int8=policy)
     except (ValueError, FileNotFoundError, DataError, ExportCheckError) as e:
         raise click.ClickException(str(e)) from None
     _summary(manifest, Path(out))
@@ -94,10 +120,13 @@ def _summary(manifest: dict, out: Path) -> None:
                f"({manifest['check']['source']}): max |ORT - torch| {worst:.1e}")
     q = manifest["quantization"]
     if q:
-        for k in q["agreement_with_fp32"]:
-            b, a = q["accuracy"]["fp32"][k], q["accuracy"]["int8"][k]
-            acc = f"accuracy {b:.4f} -> {a:.4f}" if b != "n/a" else "accuracy n/a"
-            click.echo(f"  int8 exit {k}: {acc}, agrees with fp32 on "
-                       f"{q['agreement_with_fp32'][k]:.1%}")
+        click.echo(f"int8 ({q['method']['scheme']}), measured on {q['measured_on']['cpu']} "
+                   f"({q['measured_on']['int8_isa']}):")
+        for name, v in q["graphs"].items():
+            acc = ("" if v["accuracy_fp32"] is None else
+                   f"accuracy {v['accuracy_fp32']:.4f} -> {v['accuracy_int8']:.4f}, ")
+            verdict = "ships" if v["reason"] is None else f"KEPT IN FP32: {v['reason']}"
+            click.echo(f"  {name:<10} {acc}agrees with fp32 on {v['agreement_with_fp32']:.1%}:"
+                       f" {verdict}")
         if q["note"]:
             click.echo(f"  note: {q['note']}")

@@ -85,13 +85,13 @@ def export_data(name: str, data_dir: str | Path | None, *, calibration: int = 25
         d = load_dataset(name, data_dir)
         tx, ty = d.x, d.y
         if d.test_x is not None:
-            ex, ey, eval_src = d.test_x, d.test_y, f"{name}: official test split ({data_dir})"
+            ex, ey, eval_src = d.test_x, d.test_y, f"{name}: official test split"
         else:  # no official test split: hold out a seeded fifth
             order = np.random.default_rng(seed).permutation(len(tx))
             cut = len(tx) // 5
             ex, ey, tx, ty = tx[order[:cut]], ty[order[:cut]], tx[order[cut:]], ty[order[cut:]]
-            eval_src = f"{name}: a seeded fifth of {data_dir} held out from calibration"
-        cal_src = f"{name}: training samples from {data_dir}"
+            eval_src = f"{name}: a seeded fifth held out from calibration"
+        cal_src = f"{name}: training samples"
     else:
         return ExportData(synthetic(name, calibration, seed), synthetic(name, 64, seed + 1))
     cx, cy = _subset(tx, ty, calibration, seed)

@@ -26,6 +26,7 @@ import platform
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from common import tensorfile
+from common import cpu, tensorfile
+from common.manifest import FORMAT, MANIFEST, channel_statistics
 from common.models import NUM_BLOCKS, SPECS, State, build_model
 from export.data import ExportData, Samples
 from export.graphs import exit_graph, graph_macs, graph_params, segment_graph, tier_model
+from export.quantize import DEFAULT_SCHEME, SCHEMES
 
-FORMAT = "hmf-onnx/1"
-MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint.hmf"
 INPUT = "input"
 # Max abs logit difference allowed between ONNX Runtime and torch (fp32) for logits up to 1 in
@@ -254,59 +255,184 @@ def check_fp32(name: str, state: State, out: Path, entries: list[dict[str, Any]]
 # int8
 
 
-def export_int8(out: Path, fp32: list[dict[str, Any]], data: ExportData
-                ) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Int8Policy:
+    """How int8 graphs are made and when one is not good enough to ship.
+
+    A graph passes when its labels agree with fp32's on at least ``min_agreement`` of the
+    evaluation samples and, where they are labelled, its accuracy is at most ``max_drop`` below
+    fp32's. One that fails is left out (``on_failure="fp32"``: devices asking for int8 run that
+    exit's or segment's fp32 graph) or fails the export (``"refuse"``)."""
+
+    scheme: str = DEFAULT_SCHEME
+    min_agreement: float = 0.97
+    max_drop: float = 0.02
+    on_failure: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown int8 scheme {self.scheme!r}; choose one of "
+                             f"{', '.join(SCHEMES)}")
+        if not 0 <= self.min_agreement <= 1 or not 0 <= self.max_drop <= 1:
+            raise ValueError("min_agreement and max_drop must be in [0, 1]")
+        if self.on_failure not in ("fp32", "refuse"):
+            raise ValueError(f"on_failure must be 'fp32' or 'refuse', got {self.on_failure!r}")
+
+    def verdict(self, agreement: float, acc_fp32: float | None, acc_int8: float | None
+                ) -> str | None:
+        """Why a graph fails the bounds (None: it passes)."""
+        if agreement < self.min_agreement:
+            return f"agrees with fp32 on {agreement:.1%} < {self.min_agreement:.0%}"
+        if acc_fp32 is not None and acc_int8 is not None and acc_fp32 - acc_int8 > self.max_drop:
+            return (f"loses {100 * (acc_fp32 - acc_int8):.1f} accuracy points > "
+                    f"{100 * self.max_drop:.1f}")
+        return None
+
+
+def _segment_features(out: Path, segments: dict[int, dict[str, Any]], x: np.ndarray
+                      ) -> dict[int, list[np.ndarray]]:
+    """(features, logits) output by each fp32 segment, chained from ``x``."""
+    outs = {}
+    for k in sorted(segments):
+        outs[k] = run_batched(session(out / segments[k]["file"]), x)
+        x = outs[k][0]
+    return outs
+
+
+def quantize_graphs(out: Path, fp32: list[dict[str, Any]], calibration: np.ndarray,
+                    scheme: str) -> list[dict[str, Any]]:
     """Quantises every fp32 graph; segment k > 1 is calibrated on the features that the fp32
     segments before it compute from the calibration samples."""
     from export.quantize import quantize_int8  # only export with --quantize needs it
 
     entries = []
-    features = _segment_features(out, _by(fp32, "segment", "fp32"), data.calibration.x)
+    features = _segment_features(out, _by(fp32, "segment", "fp32"), calibration)
     for e in fp32:
         first = e["kind"] == "exit" or e["index"] == 1
-        calib = data.calibration.x if first else features[e["index"] - 1]
+        calib = calibration if first else features[e["index"] - 1][0]
         file = e["file"].replace(".onnx", ".int8.onnx")
-        quantize_int8(out / e["file"], out / file, e["inputs"][0], calib)
+        quantize_int8(out / e["file"], out / file, e["inputs"][0], calib, scheme)
         onnx_check(out / file)
         entries.append({**e, "file": file, "precision": "int8", "sha256": sha256(out / file),
                         "bytes": (out / file).stat().st_size})
     return entries
 
 
-def _segment_features(out: Path, segments: dict[int, dict[str, Any]], x: np.ndarray
-                      ) -> dict[int, np.ndarray]:
-    """Features output by each fp32 segment on ``x``."""
-    feats = {}
-    for k in sorted(segments):
-        x, _ = run_batched(session(out / segments[k]["file"]), x)
-        feats[k] = x
-    return feats
+def _judge(name: str, labels: np.ndarray, reference: np.ndarray, y: np.ndarray | None,
+           policy: Int8Policy) -> dict[str, Any]:
+    """One int8 graph's labels against fp32's (and the truth, where known)."""
+    agree = float((labels == reference).mean())
+    acc_fp32 = None if y is None else float((reference == y).mean())
+    acc_int8 = None if y is None else float((labels == y).mean())
+    reason = policy.verdict(agree, acc_fp32, acc_int8)
+    return {"graph": name, "precision": "fp32" if reason else "int8",
+            "agreement_with_fp32": agree, "accuracy_fp32": acc_fp32,
+            "accuracy_int8": acc_int8, "reason": reason}
 
 
-def int8_report(out: Path, fp32: list[dict[str, Any]], int8: list[dict[str, Any]],
-                data: ExportData) -> dict[str, Any]:
-    """Accuracy of each exit before and after quantisation (n/a without labelled data), and how
-    often int8 and fp32 agree on the label."""
-    from export.quantize import METHOD
-
-    ev = data.evaluation
-    before, after, agree = {}, {}, {}
+def judge_int8(out: Path, fp32: list[dict[str, Any]], int8: list[dict[str, Any]],
+               ev: Samples, policy: Int8Policy) -> dict[str, dict[str, Any]]:
+    """Per int8 graph, its verdict on the evaluation samples. Exit graphs are compared with
+    their fp32 twins; segments as a device's cascade runs them, each int8 segment fed what the
+    segments before it (int8 where they pass, else fp32) computed."""
+    y = ev.y if ev.real else None
+    verdicts = {}
     for k, e in sorted(_by(fp32, "exit", "fp32").items()):
-        q = _by(int8, "exit", "int8")[k]
-        a = run_batched(session(out / e["file"]), ev.x)[0].argmax(1)
-        b = run_batched(session(out / q["file"]), ev.x)[0].argmax(1)
-        agree[str(k)] = float((a == b).mean())
-        before[str(k)] = float((a == ev.y).mean()) if ev.real else "n/a"
-        after[str(k)] = float((b == ev.y).mean()) if ev.real else "n/a"
+        ref = run_batched(session(out / e["file"]), ev.x)[0].argmax(1)
+        got = run_batched(session(out / _by(int8, "exit", "int8")[k]["file"]), ev.x)[0]
+        verdicts[f"exit_{k}"] = _judge(f"exit_{k}", got.argmax(1), ref, y, policy)
+    fp32_chain = _segment_features(out, _by(fp32, "segment", "fp32"), ev.x)
+    x = ev.x
+    for k, q in sorted(_by(int8, "segment", "int8").items()):
+        feats, logits = run_batched(session(out / q["file"]), x)
+        v = _judge(f"segment_{k}", logits.argmax(1), fp32_chain[k][1].argmax(1), y, policy)
+        verdicts[f"segment_{k}"] = v
+        if v["reason"]:  # the cascade runs this segment in fp32, on what came before
+            feats = run_batched(session(out / _by(fp32, "segment", "fp32")[k]["file"]), x)[0]
+        x = feats
+    return verdicts
+
+
+def export_int8(out: Path, fp32: list[dict[str, Any]], data: ExportData, policy: Int8Policy
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The int8 graphs that pass ``policy`` (the others deleted) and the quantisation report.
+    Raises ExportCheckError if one fails and the policy refuses."""
+    int8 = quantize_graphs(out, fp32, data.calibration.x, policy.scheme)
+    verdicts = judge_int8(out, fp32, int8, data.evaluation, policy)
+    failed = {name: v["reason"] for name, v in verdicts.items() if v["reason"]}
+    if failed and policy.on_failure == "refuse":
+        raise ExportCheckError("int8 refused: " + "; ".join(
+            f"{n} {r}" for n, r in failed.items()) + " (measured on " + cpu.cpu_name() +
+            "); export without --quantize, or with --int8-on-failure fp32")
+    kept = []
+    for e in int8:
+        if f"{e['kind']}_{e['index']}" in failed:
+            (out / e["file"]).unlink()
+        else:
+            kept.append(e)
+    return kept, int8_report(verdicts, data, policy)
+
+
+def int8_report(verdicts: dict[str, dict[str, Any]], data: ExportData, policy: Int8Policy
+                ) -> dict[str, Any]:
+    """What the manifest says about int8: scheme, bounds, the CPU that measured, and per graph
+    its agreement with fp32, accuracies and whether it ships."""
+    ev = data.evaluation
+    exits = {n.split("_")[1]: v for n, v in verdicts.items() if n.startswith("exit_")}
+    na = "n/a"
     note = None if ev.real else ("no labelled data: calibrated on synthetic random-normal inputs,"
                                  " so accuracy is n/a and the int8 ranges are not the real "
                                  "data's; pass --data-dir to calibrate and evaluate on real data")
-    return {"method": METHOD,
+    return {"method": SCHEMES[policy.scheme].describe(policy.scheme),
+            "bounds": {"min_agreement": policy.min_agreement, "max_accuracy_drop":
+                       policy.max_drop, "on_failure": policy.on_failure},
+            "measured_on": cpu.describe(),
             "calibration": {"samples": len(data.calibration.x), "source":
                             data.calibration.source},
             "evaluation": {"samples": len(ev.x), "source": ev.source},
-            "accuracy": {"fp32": before, "int8": after}, "agreement_with_fp32": agree,
+            "accuracy": {"fp32": {k: na if v["accuracy_fp32"] is None else v["accuracy_fp32"]
+                                  for k, v in exits.items()},
+                         "int8": {k: na if v["accuracy_int8"] is None else v["accuracy_int8"]
+                                  for k, v in exits.items()}},
+            "agreement_with_fp32": {k: v["agreement_with_fp32"] for k, v in exits.items()},
+            "graphs": verdicts,
+            "kept_fp32": sorted(n for n, v in verdicts.items() if v["reason"]),
             "note": note}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a device needs to know about its input, and the windows to check int8 on its own CPU
+
+CALIBRATION_FILE = "calibration.npz"
+CALIBRATION_BYTES = 4 << 20  # ship at most this much (STL-10's 96x96 images: 38 of them)
+# Raw sensor models: what the windows must be (UniMiB SHAR and HAPT: 3 s at 50 Hz)
+SENSORS = {"hapt": {"unit": "g", "sampling_hz": 50, "window_samples": 151,
+                    "axes": ["x", "y", "z"]},
+           "unimib": {"unit": "m/s^2", "sampling_hz": 50, "window_samples": 151,
+                      "axes": ["x", "y", "z"]}}
+
+
+def expected_input(name: str, calibration: Samples) -> dict[str, Any]:
+    """``input.expected``: the sensor (raw models) and the calibration samples' statistics, which
+    ``hmf-device predict`` compares a file against. Synthetic samples give no statistics."""
+    sensor = SENSORS.get(name, SENSORS["unimib"] if name.startswith("unimib") else {})
+    stats = channel_statistics(calibration.x) if calibration.real else None
+    return {**sensor, "statistics": stats}
+
+
+def ship_calibration(out: Path, calibration: Samples) -> dict[str, Any]:
+    """Writes up to ``CALIBRATION_BYTES`` of the calibration samples to ``calibration.npz``
+    (x, and y where labelled): a board measures its own int8 kernels' agreement with fp32 on
+    them (``hmf-device profile``)."""
+    per_sample = max(1, calibration.x[0].nbytes)
+    n = max(1, min(len(calibration.x), CALIBRATION_BYTES // per_sample))
+    arrays = {"x": np.ascontiguousarray(calibration.x[:n], np.float32)}
+    if calibration.real:
+        arrays["y"] = np.asarray(calibration.y[:n], np.int64)
+    path = out / CALIBRATION_FILE
+    np.savez(path, **arrays)
+    return {"file": CALIBRATION_FILE, "sha256": sha256(path), "bytes": path.stat().st_size,
+            "samples": n, "source": calibration.source}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,10 +467,11 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 def export_onnx(name: str, state: State, out: str | os.PathLike, data: ExportData, *,
                 tiers: Sequence[int] = (1, 2, 3), opset: int = DEFAULT_OPSET,
                 quantize: str | None = None, source: dict[str, Any] | None = None,
-                check_samples: int = 64) -> dict[str, Any]:
+                check_samples: int = 64, int8: Int8Policy | None = None) -> dict[str, Any]:
     """Exports, checks and describes the graphs of ``state`` (a global state of model ``name``);
     returns the manifest, also written to ``out/manifest.json``. Raises ExportCheckError (and
-    writes no manifest) if a check fails."""
+    writes no manifest) if a check fails. With ``quantize="int8"``, ``int8`` (default
+    ``Int8Policy()``) says how int8 graphs are made and which ship."""
     if name not in SPECS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SPECS)}")
     if quantize not in (None, "int8"):
@@ -353,7 +480,7 @@ def export_onnx(name: str, state: State, out: str | os.PathLike, data: ExportDat
     _check_state(name, state)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # no stale manifest next to new graphs
+    _remove_stale(out)
     spec = SPECS[name]
     example = torch.from_numpy(data.evaluation.x[:2])
     files = export_fp32(name, state, out, tiers, opset, example)
@@ -363,14 +490,23 @@ def export_onnx(name: str, state: State, out: str | os.PathLike, data: ExportDat
         "source": source or {}, "num_classes": spec.num_classes,
         "class_names": list(spec.class_names),
         "input": {"name": INPUT, "shape": ["batch", *spec.input_shape], "dtype": "float32",
-                  "preprocessing": preprocessing(name)},
+                  "preprocessing": preprocessing(name),
+                  "expected": expected_input(name, data.calibration)},
         "opset": opset, "versions": versions(), "precisions": ["fp32"], "files": files,
-        "check": check, "quantization": None,
+        "check": check, "quantization": None, "calibration": None,
     }
     if quantize == "int8":
-        int8 = export_int8(out, files, data)
-        manifest["files"] = files + int8
-        manifest["precisions"].append("int8")
-        manifest["quantization"] = int8_report(out, files, int8, data)
+        kept, manifest["quantization"] = export_int8(out, files, data, int8 or Int8Policy())
+        manifest["files"] = files + kept
+        manifest["precisions"] += ["int8"] if kept else []
+        manifest["calibration"] = ship_calibration(out, data.calibration)
     _write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _remove_stale(out: Path) -> None:
+    """An earlier export's manifest, int8 graphs and calibration windows: none may survive next
+    to the new graphs (a device would load a stale manifest; an int8 graph this export leaves
+    out would look shipped)."""
+    for path in (out / MANIFEST, out / CALIBRATION_FILE, *out.glob("*.int8.onnx")):
+        path.unlink(missing_ok=True)

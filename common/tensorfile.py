@@ -24,6 +24,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.f
           "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 64 * 1024 * 1024
+MAX_DIMS = 16  # no tensor of ours has more than 4; a header claiming more is not ours
+MAX_DIM = 2**40  # bounds zero-element shapes too (the data bounds every other one)
 # Raw bytes are written in the host's order; every board we target (x86-64, aarch64) is little.
 assert sys.byteorder == "little", "hmf's tensor files assume a little-endian host"
 
@@ -49,41 +51,70 @@ def encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None)
 
 
 def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Inverse of ``encode``; raises ``TensorFileError`` naming what is wrong."""
+    """Inverse of ``encode``; raises ``TensorFileError`` naming what is wrong, and nothing else,
+    whatever the blob holds (it may come from a hostile device)."""
     if len(blob) < 8:
         raise TensorFileError("blob shorter than its 8-byte header length")
     (hlen,) = struct.unpack("<Q", blob[:8])
     if hlen > min(MAX_HEADER, len(blob) - 8):
         raise TensorFileError(f"header length {hlen} exceeds the blob ({len(blob)} bytes)")
-    try:
-        header = json.loads(blob[8 : 8 + hlen])
-        entries, meta = header["tensors"], header["meta"]
-        if not isinstance(entries, dict) or not isinstance(meta, dict):
-            raise TypeError("tensors and meta must be objects")
-    except (ValueError, KeyError, TypeError) as e:
-        raise TensorFileError(f"malformed header: {e}") from None
+    entries, meta = _header(blob[8 : 8 + hlen])
     data, tensors = memoryview(blob)[8 + hlen :], {}
     for name, e in entries.items():
         tensors[name] = _tensor(name, e, data)
     return tensors, meta
 
 
-def _tensor(name: str, e: Any, data: memoryview) -> torch.Tensor:
+def _header(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header's tensor entries and meta, both JSON objects."""
     try:
-        dtype, shape, offset, nbytes = DTYPES[e["dtype"]], e["shape"], e["offset"], e["nbytes"]
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError("bad shape")
-        if not (isinstance(offset, int) and isinstance(nbytes, int) and offset >= 0):
-            raise ValueError("bad offset")
-    except (KeyError, TypeError, ValueError) as err:
-        raise TensorFileError(f"tensor {name!r}: malformed entry ({err})") from None
+        header = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the stack
+        raise TensorFileError(f"malformed header: {str(e)[:200]}") from None
+    if not isinstance(header, dict):
+        raise TensorFileError("malformed header: not an object")
+    entries, meta = header.get("tensors"), header.get("meta")
+    if not isinstance(entries, dict) or not isinstance(meta, dict):
+        raise TensorFileError("malformed header: tensors and meta must be objects")
+    return entries, meta
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _count(v: Any, limit: int) -> bool:
+    """A JSON integer in 0..limit; ``bool`` is an ``int`` to Python, not to us."""
+    return type(v) is int and 0 <= v <= limit
+
+
+def _entry(name: str, e: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, offset, nbytes) of one header entry, each of the exact JSON type."""
+    if not isinstance(e, dict):
+        raise TensorFileError(f"tensor {name!r}: entry is not an object")
+    dtype, shape, offset, nbytes = (e.get(k) for k in ("dtype", "shape", "offset", "nbytes"))
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise TensorFileError(f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            _count(d, MAX_DIM) for d in shape):
+        raise TensorFileError(f"tensor {name!r}: bad shape {str(shape)[:80]}")
+    if not (_count(offset, MAX_HEADER + 2**40) and _count(nbytes, 2**40)):
+        raise TensorFileError(f"tensor {name!r}: bad offset or nbytes")
+    return DTYPES[dtype], tuple(shape), offset, nbytes
+
+
+def _tensor(name: str, e: Any, data: memoryview) -> torch.Tensor:
+    dtype, shape, offset, nbytes = _entry(name, e)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if nbytes != itemsize * math.prod(shape) or offset + nbytes > len(data):  # no overflow
         raise TensorFileError(f"tensor {name!r}: {nbytes} bytes at {offset} do not fit "
-                              f"shape {shape} {e['dtype']} in {len(data)} data bytes")
+                              f"shape {list(shape)} {e['dtype']} in {len(data)} data bytes")
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    arr = np.frombuffer(data, dtype=np_dtype, count=nbytes // itemsize, offset=offset)
-    return torch.from_numpy(arr.copy()).reshape(shape)
+    try:
+        arr = np.frombuffer(data, dtype=np_dtype, count=nbytes // itemsize, offset=offset)
+        return torch.from_numpy(arr.copy()).reshape(shape)
+    except (ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as err:
+        raise TensorFileError(f"tensor {name!r}: {str(err)[:200]}") from None
 
 
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor],

@@ -236,3 +236,120 @@ def test_random_json_in_the_right_envelope(value, kind):
     except p.ProtocolError:
         return
     assert msg["type"] == kind
+
+
+# ---- structure-aware: valid JSON of the wrong types in every field (issue 19) ----------------
+
+_json_leaf = (st.none() | st.booleans() | st.integers()
+              | st.sampled_from([2**31, 2**63, -(2**63), 2**64, 10**30, -1, 0])
+              | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+def _examples() -> dict[str, bytes]:
+    """One valid message of every type, as a device or the cloud would send it."""
+    ref = _REF
+    graph = p.GraphFile("exit_1.onnx", "exit", 1, "fp32", ref)
+    train = {"epochs": 1, "batch_size": 8, "lr": 0.01, "distill": "mutual",
+             "distill_weight": 1.0, "temperature": 1.0}
+    common = dict(run="run", round=1, device="d1")
+    return {
+        "hello": _VALID_CONTROL[0], "fetch": _VALID_CONTROL[1], "offer": _VALID_CONTROL[2],
+        "bye": p.make_control("bye", device="d1", reason="left"),
+        "round": p.make_control("round", run="run", round=1, rounds=2, state="open",
+                                deadline=1.0),
+        "status": p.make_control("status", state="online"),
+        "task": p.make_control("task", **common, model="hapt", depth=1, width=1.0, seed=3,
+                               train=train, weights=ref, dtype="float32", deadline=1.0),
+        "calibrate": p.make_control("calibrate", **common, model="hapt", weights=ref,
+                                    dtype="float32", deadline=1.0),
+        "reply": p.make_control("reply", **common, sha256=SHA, status="send", reason=""),
+        "model": p.make_control("model", run="run", round=1, model="hapt",
+                                format=p.GRAPH_FORMAT, manifest=ref, files=[graph]),
+        "fetch_graph": p.make_control("fetch_graph", **common, sha256=SHA, missing=None),
+    }
+
+
+_EXAMPLES = _examples()
+
+
+def _paths(value, prefix=()):
+    """Every place in a JSON value that can be replaced: (keys...) paths, containers too."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, (*prefix, i))
+
+
+def _replaced(doc, path, value):
+    if not path:
+        return value
+    doc = json.loads(json.dumps(doc))
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return doc
+
+
+def test_every_message_type_has_an_example():
+    assert set(_EXAMPLES) == set(p.MESSAGES)
+
+
+@_settings
+@given(st.sampled_from(sorted(_EXAMPLES)), st.data(), _json)
+def test_any_field_of_any_message_replaced_by_any_json(kind, data, value):
+    doc = json.loads(_EXAMPLES[kind])
+    path = data.draw(st.sampled_from(list(_paths(doc))))
+    payload = json.dumps(_replaced(doc, path, value)).encode()
+    try:
+        msg = p.parse_control(payload)
+    except p.ProtocolError:
+        return
+    assert msg["type"] in p.MESSAGES
+
+
+def _frame_with_header(head: dict, data: bytes) -> bytes:
+    raw = json.dumps(head).encode()
+    return p.MAGIC + struct.pack("<I", len(raw)) + raw + data
+
+
+@_settings
+@given(st.data(), _json)
+def test_any_chunk_header_field_replaced_by_any_json(data, value):
+    frame = _FRAMES[0]
+    (hlen,) = struct.unpack("<I", frame[4:8])
+    head = json.loads(frame[8 : 8 + hlen])
+    path = data.draw(st.sampled_from(list(_paths(head))))
+    payload = _frame_with_header(_replaced(head, path, value), frame[8 + hlen :])
+    r = p.Reassembly(_REF)
+    try:
+        r.add(p.parse_chunk(payload))
+    except p.ProtocolError:
+        pass
+
+
+def _tensor_header(blob: bytes) -> tuple[dict, bytes]:
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + hlen]), blob[8 + hlen :]
+
+
+@_settings
+@given(st.data(), _json)
+def test_any_tensor_header_field_replaced_by_any_json(data, value):
+    """An update whose tensor-file header holds valid JSON of the wrong type anywhere (a shape
+    of ``[true, 6]`` stopped the cloud, issue 19): a ProtocolError, or a checked state."""
+    head, body = _tensor_header(_VALID_BLOB)
+    path = data.draw(st.sampled_from(list(_paths(head))))
+    raw = json.dumps(_replaced(head, path, value)).encode()
+    blob = struct.pack("<Q", len(raw)) + raw + body
+    try:
+        state, meta = p.decode_state(blob, _SPEC)
+    except p.ProtocolError:
+        return
+    assert set(state) == set(_SPEC) and isinstance(meta, dict)
+    assert all(tuple(state[k].shape) == _SPEC[k][0] for k in state)

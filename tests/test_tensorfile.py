@@ -57,3 +57,47 @@ def test_huge_shape_is_rejected_not_overflowed():
                                                 "offset": 0, "nbytes": 0}}, "meta": {}})
     with pytest.raises(TensorFileError):
         decode(blob)
+
+
+def _entry_blob(**entry) -> bytes:
+    base = {"dtype": "float32", "shape": [2, 3], "offset": 0, "nbytes": 24}
+    return _blob_with_header({"tensors": {"a": {**base, **entry}}, "meta": {}}, b"\0" * 24)
+
+
+@pytest.mark.parametrize("entry", [
+    {"shape": [True, 6]},  # issue 19: bool is an int to Python; reshape raised TypeError
+    {"shape": [6, False]},
+    {"shape": [2.0, 3]},
+    {"shape": [[2], 3]},
+    {"shape": [-2, -3]},
+    {"shape": [2**70, 0]},
+    {"shape": [0, 2**63], "nbytes": 0},
+    {"shape": [1] * 64 + [6]},
+    {"shape": "23"},
+    {"shape": None},
+    {"dtype": ["float32"]},
+    {"dtype": {"a": 1}},
+    {"dtype": 7},
+    {"offset": True},
+    {"offset": -1},
+    {"offset": 0.0},
+    {"nbytes": 24.0},
+    {"nbytes": 2**80},
+    {"offset": 2**70},
+])
+def test_wrongly_typed_header_fields_are_rejected(entry):
+    with pytest.raises(TensorFileError):
+        decode(_entry_blob(**entry))
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 100_000,  # nesting deeper than Python's stack
+    b'{"tensors": {}, "meta": NaN}',
+    b'"text"',
+    b"\xff\xfe",
+    b'{"tensors": {"a": [1, 2]}, "meta": {}}',
+    b'{"tensors": {"a": "x"}, "meta": {}}',
+])
+def test_malformed_header_json_is_rejected(header):
+    with pytest.raises(TensorFileError):
+        decode(struct.pack("<Q", len(header)) + header)

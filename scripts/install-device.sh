@@ -3,7 +3,7 @@
 # where it is wanted and never PyPI's multi-GB CUDA build (docs/DEVICE.md, "Device install").
 #
 #   scripts/install-device.sh                  # Raspberry Pi OS 64-bit, or any x86-64/aarch64 Linux
-#   scripts/install-device.sh --serve-only     # profile/predict/serving only: no torch (~150 MB)
+#   scripts/install-device.sh --serve-only     # profile/predict/serving only: no torch (~180 MB)
 #   scripts/install-device.sh --jetson [--wheel NVIDIA_WHEEL]...   # JetPack 6, NVIDIA's wheels
 #   scripts/install-device.sh --dry-run ...    # print the commands, change nothing
 #

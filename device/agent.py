@@ -107,8 +107,8 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
-        """Until the run finishes (or forever with ``stay``), or SIGINT/SIGTERM: exit code 0."""
-        """Raises ``BrokerUnreachable`` when no connection was made within ``connect_timeout``."""
+        """Until the run finishes (or forever with ``stay``), or SIGINT/SIGTERM: exit code 0.
+        Raises ``BrokerUnreachable`` when no connection was made within ``connect_timeout``."""
         previous = {}
         if threading.current_thread() is threading.main_thread():  # (tests run agents in threads)
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,7 +12,14 @@ import click
 import numpy as np
 
 from device.join import budget_arg, join
-from device.runtime import DEFAULT_BATCH, STATUS_TEXT, DeviceModel, ManifestError, Prediction
+from device.runtime import (
+    BATCH_VALUES,
+    DEFAULT_BATCH,
+    STATUS_TEXT,
+    DeviceModel,
+    ManifestError,
+    Prediction,
+)
 
 _MODEL_DIR = click.option("--model-dir", required=True,
                           type=click.Path(exists=True, file_okay=False),
@@ -155,14 +162,16 @@ def _labels(y: np.ndarray | None, n: int) -> np.ndarray | None:
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               callback=_threshold_arg,
               help="Cascade: stop at the first exit whose softmax confidence reaches it.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH,
-              show_default=True, help="Samples per ONNX Runtime call (bounds memory).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help=f"Samples per ONNX Runtime call: bounds memory [default: {DEFAULT_BATCH}, "
+                   f"fewer for large samples so that a batch holds at most {BATCH_VALUES} input "
+                   "values].")
 @_PRECISION
 @_THREADS
 @_PROVIDERS
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def predict(model_dir: str, input_path: str, key: str | None, exit_k: int | None,
-            threshold: float | None, batch_size: int, precision: str, threads: int | None,
+            threshold: float | None, batch_size: int | None, precision: str, threads: int | None,
             providers: str, as_json: bool) -> None:
     """Classify the samples of a .npz or .npy at one exit or with early exit.
 
@@ -179,11 +188,13 @@ def predict(model_dir: str, input_path: str, key: str | None, exit_k: int | None
         raise click.ClickException(str(e)) from None
     x = _checked_samples(model, x, exit_k, input_path)
     labels = _labels(y, len(x))
+    from device.inputs import InputError
+
     try:
         warnings = model.input_warnings(x, batch_size)
         pred = (model.cascade(x, threshold, batch_size=batch_size) if threshold is not None
                 else model.predict(x, exit_k, batch_size=batch_size))
-    except ManifestError as e:
+    except (ManifestError, InputError) as e:  # InputError: the file changed while being read
         raise click.ClickException(str(e)) from None
     for w in warnings:
         click.echo(f"warning: {input_path}: {w}", err=True)

@@ -9,8 +9,9 @@ and offers two ways to classify:
   first exit whose softmax confidence reaches the threshold (or at the deepest exported exit),
   so easy samples pay only for the shallow blocks.
 
-Both run in bounded batches (``DEFAULT_BATCH`` samples per ONNX Runtime call), so memory stays
-flat whatever the input's size, and neither labels a sample whose input holds NaN or Inf: its
+Both run in bounded batches (``DeviceModel.default_batch_size``: at most ``DEFAULT_BATCH``
+samples per ONNX Runtime call, fewer for large samples), so memory stays flat whatever the
+input's size, and neither labels a sample whose input holds NaN or Inf: its
 ``Prediction.status`` says so instead. The manifest is validated first (common/manifest.py), and
 a graph that ONNX Runtime cannot load, or whose inputs and outputs do not fit the manifest, is a
 ``ManifestError`` naming the file, not a raw ONNX Runtime error.
@@ -33,14 +34,17 @@ from common.manifest import FORMAT, MANIFEST, InputStatistics, ManifestError, in
 from common.manifest import read as read_manifest
 from common.manifest import sha256_file as _sha256
 
-DEFAULT_BATCH = 256  # samples per ONNX Runtime call: bounds memory whatever the input's size
+DEFAULT_BATCH = 256  # samples per ONNX Runtime call at most: bounds memory at any input size
+# ... and at most this many input values per call: ONNX Runtime's buffers grow with the batch
+# times the size of a sample (stl10's 3x96x96 images: 3.2 GB at batch 256, 0.3 GB at 16)
+BATCH_VALUES = 2**19
 
 # Prediction.status: why a sample has no label
 VALID, NONFINITE_INPUT, NONFINITE_OUTPUT = 0, 1, 2
 STATUS_TEXT = {NONFINITE_INPUT: "non-finite input", NONFINITE_OUTPUT: "non-finite output"}
 
-__all__ = ["DEFAULT_BATCH", "FORMAT", "MANIFEST", "DeviceModel", "Manifest", "ManifestError",
-           "Prediction", "STATUS_TEXT", "session_options", "softmax"]
+__all__ = ["BATCH_VALUES", "DEFAULT_BATCH", "FORMAT", "MANIFEST", "DeviceModel", "Manifest",
+           "ManifestError", "Prediction", "STATUS_TEXT", "session_options", "softmax"]
 
 _REFETCH = "re-export it with `hmf export onnx` or fetch it again"
 
@@ -184,8 +188,9 @@ class DeviceModel:
     check every file's sha256 first; ``spin``: let idle thread pools spin (see
     ``session_options``).
 
-    ``predict`` and ``cascade`` run at most ``batch_size`` samples per ONNX Runtime call, so
-    memory does not grow with the input (a file read by device/inputs.py is read batch by batch).
+    ``predict`` and ``cascade`` run at most ``batch_size`` samples per ONNX Runtime call
+    (default: ``default_batch_size``), so memory does not grow with the input (a file opened
+    by device/inputs.py is read batch by batch).
     """
 
     def __init__(self, model_dir: str | Path, *, precision: str = "fp32",
@@ -199,6 +204,13 @@ class DeviceModel:
         self.precision, self.threads, self.spin = precision, threads, spin
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[tuple[str, int], ort.InferenceSession] = {}
+
+    @property
+    def default_batch_size(self) -> int:
+        """``DEFAULT_BATCH`` samples, fewer when a batch would hold over ``BATCH_VALUES`` input
+        values (256 for hapt's 3x151 windows, 170 for 3x32x32 images, 18 for stl10's)."""
+        values = math.prod(self.manifest.input_shape)
+        return max(1, min(DEFAULT_BATCH, BATCH_VALUES // values))
 
     @property
     def exits(self) -> list[int]:
@@ -297,10 +309,11 @@ class DeviceModel:
             x = (x.astype(np.float32) / n["scale"] - n["mean"]) / n["std"]
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def batches(self, x: np.ndarray, batch_size: int = DEFAULT_BATCH
+    def batches(self, x: np.ndarray, batch_size: int | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(row numbers, prepared batch) of the finite rows of ``x``, ``batch_size`` rows of
         ``x`` at a time; rows holding NaN or Inf are left out."""
+        batch_size = batch_size or self.default_batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
         x = self.as_batch(x)
@@ -309,14 +322,14 @@ class DeviceModel:
             finite = _finite_rows(xb)
             yield start + np.flatnonzero(finite), (xb if finite.all() else xb[finite])
 
-    def statistics(self, x: np.ndarray, batch_size: int = DEFAULT_BATCH) -> InputStatistics:
+    def statistics(self, x: np.ndarray, batch_size: int | None = None) -> InputStatistics:
         """Per-channel statistics of the finite samples of ``x``, as the graph sees them."""
         stats = InputStatistics(self.manifest.input_shape[0])
         for _, xb in self.batches(x, batch_size):
             stats.add(xb)
         return stats
 
-    def input_warnings(self, x: np.ndarray, batch_size: int = DEFAULT_BATCH) -> list[str]:
+    def input_warnings(self, x: np.ndarray, batch_size: int | None = None) -> list[str]:
         """Why ``x`` looks unlike the samples the model was calibrated on
         (``common.manifest.input_warnings``); empty if it looks alike or the manifest has no
         ``input.expected.statistics`` to compare with."""
@@ -332,7 +345,7 @@ class DeviceModel:
         return self._run("exit", exit, self.prepare(x))[0]
 
     def predict(self, x: np.ndarray, exit: int | None = None,
-                batch_size: int = DEFAULT_BATCH) -> Prediction:
+                batch_size: int | None = None) -> Prediction:
         """Labels at exit ``exit`` (default: the deepest exported one). Rows holding NaN or
         Inf are not run: their ``status`` says so."""
         if not self.exits:
@@ -354,7 +367,7 @@ class DeviceModel:
         return features, logits
 
     def cascade(self, x: np.ndarray, threshold: float, max_exit: int | None = None,
-                batch_size: int = DEFAULT_BATCH) -> Prediction:
+                batch_size: int | None = None) -> Prediction:
         """Early exit: each sample leaves at the first exit whose softmax confidence is at least
         ``threshold``, or at ``max_exit`` (default: the deepest exported segment). A batch is
         narrowed after every exit, so only unsure samples pay for the next block."""

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from model_states import perturbed_state
 
-from common.manifest import channel_statistics, sha256_file
+from common.manifest import sha256_file
 from device.cli import hmf_device
 from device.inputs import ArrayFile, open_samples
 from device.profile import (
@@ -303,30 +303,36 @@ def test_every_row_invalid_is_exit_status_1_with_valid_json(export_dir, tmp_path
 # Input far from the calibration samples
 
 
+def without_expected(m):
+    m["input"].pop("expected", None)
+    return m
+
+
 def test_predict_warns_when_the_input_is_far_from_the_calibration_samples(export_dir, tmp_path,
                                                                          hapt):
-    train_x, x = hapt[0], hapt[1][:120]
-
-    def expect(m):  # what the export records (input.expected), from its calibration windows
-        m["input"]["expected"] = {"unit": "g", "sampling_hz": 50, "window_samples": 151,
-                                  "axes": ["x", "y", "z"],
-                                  "statistics": channel_statistics(train_x[:256])}
-        return m
-    d = copy_export(export_dir, tmp_path / "m", expect)
+    """The export records its calibration windows' statistics (input.expected); the same
+    windows in m/s^2 instead of g are flagged on stderr, the windows in g are not."""
+    x = hapt[1][:120]
+    expected = json.loads((export_dir / "manifest.json").read_text())["input"]["expected"]
+    assert expected["unit"] == "g" and len(expected["statistics"]["per_channel"]["mean"]) == 3
     np.savez(tmp_path / "g.npz", x=x)
     np.save(tmp_path / "ms2.npy", x * 9.80665)
     for mode in ([], ["--threshold", "0.5"]):
-        same = cli("predict", "--model-dir", d, "--input", tmp_path / "g.npz", "--json", *mode)
+        same = cli("predict", "--model-dir", export_dir, "--input", tmp_path / "g.npz",
+                   "--json", *mode)
         assert same.exit_code == 0 and same.stderr == ""
         assert strict_json(same.stdout)["summary"]["warnings"] == []
-        off = cli("predict", "--model-dir", d, "--input", tmp_path / "ms2.npy", "--json", *mode)
+        off = cli("predict", "--model-dir", export_dir, "--input", tmp_path / "ms2.npy",
+                  "--json", *mode)
         assert off.exit_code == 0  # a warning, not a refusal: the labels are still printed
         assert re.search(r"warning: .*ms2.npy: the input's values are 9\.\d+x the size of the "
                          r"calibration samples'.*m/s\^2 where the model takes g", off.stderr)
         assert strict_json(off.stdout)["summary"]["warnings"]  # stdout stays JSON
-    # without input.expected (older exports) nothing is compared
-    plain = cli("predict", "--model-dir", export_dir, "--input", tmp_path / "ms2.npy", "--json")
+    # without input.expected (an older export) nothing is compared
+    older = copy_export(export_dir, tmp_path / "older", without_expected)
+    plain = cli("predict", "--model-dir", older, "--input", tmp_path / "ms2.npy", "--json")
     assert plain.exit_code == 0 and plain.stderr == ""
+    assert strict_json(plain.stdout)["summary"]["warnings"] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +371,19 @@ def test_predict_runs_bounded_batches_with_the_same_answers(export_dir, tmp_path
             "--batch-size", "7", "--json")
     assert r.exit_code == 0 and max(n for _, n in ort_calls) == 7
     assert [p["label"] for p in strict_json(r.stdout)["predictions"]] == whole[0].labels.tolist()
+
+
+def test_the_default_batch_bounds_the_input_values_per_call(export_dir, tmp_path, hapt,
+                                                            ort_calls):
+    model = DeviceModel(export_dir)
+    assert model.default_batch_size == 256  # hapt's 3x151 windows
+    model.predict(hapt[1][:300])
+    assert [n for _, n in ort_calls] == [256, 44]
+    for shape, batch in (([3, 32, 32], 170), ([1, 28, 28], 256), ([3, 96, 96], 18)):
+        d = copy_export(export_dir, tmp_path / f"{shape[-1]}",
+                        lambda m, shape=shape: {**without_expected(m), "input": {
+                            **m["input"], "shape": ["batch", *shape]}})
+        assert DeviceModel(d).default_batch_size == batch
 
 
 def test_a_lazy_file_is_read_one_batch_at_a_time(export_dir, tmp_path, hapt, monkeypatch):

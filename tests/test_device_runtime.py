@@ -221,7 +221,7 @@ def test_uint8_images_are_normalised_as_in_training(tmp_path):
 
 
 def test_device_code_imports_neither_torch_nor_onnx_nor_the_cloud():
-    code = ("import sys, device.cli, device.runtime, device.profile\n"
+    code = ("import sys, device.cli, device.runtime, device.profile, device.inputs\n"
             "bad = [m for m in ('torch', 'onnx', 'cloud', 'export', 'scipy', 'matplotlib') "
             "if m in sys.modules]\n"
             "assert not bad, bad\n")

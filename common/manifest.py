@@ -164,8 +164,9 @@ def _precisions(where: str, v: Any) -> list[str]:
 
 
 def _files(where: str, v: Any, precisions: list[str]) -> None:
-    """Each graph once, with a precision the manifest declares; segments 1..n without a gap
-    (a cascade runs them one after the other)."""
+    """Each graph once, with a precision the manifest declares. Gaps are allowed: an export may
+    leave out an int8 graph that lost too much accuracy (devices run fp32 there), so whether a
+    cascade has every segment it needs is checked where it runs."""
     files = _list(where, "files", v)
     seen_names, seen_keys = set(), set()
     for i, entry in enumerate(files):
@@ -188,10 +189,6 @@ def _files(where: str, v: Any, precisions: list[str]) -> None:
         seen_names.add(name)
         seen_keys.add(key)
     for q in precisions:
-        segments = sorted(i for k, i, p in seen_keys if k == "segment" and p == q)
-        if segments != list(range(1, len(segments) + 1)):
-            raise _fail(where, "files", f"has {q} segments {segments}: a cascade needs "
-                                        "1..n without a gap")
         if not any(p == q for _, _, p in seen_keys):
             raise _fail(where, "files", f"has no {q} graph although precisions lists {q}")
 

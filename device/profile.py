@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from device.runtime import DeviceModel
+from device.runtime import DeviceModel, ManifestError
 
 STATS = ("median_ms", "p95_ms", "p99_ms", "mean_ms")
 
@@ -228,6 +228,9 @@ def profile(model_dir: str | Path, *, runs: int = 100, batch: int = 1,
         raise ValueError("runs and batch must be at least 1, warmup at least 0")
     model = DeviceModel(model_dir, precision=precision, threads=threads, providers=providers)
     exits = sorted(exits or model.exits)
+    if not exits:  # e.g. every int8 exit left out by the export: nothing to time
+        raise ManifestError(f"{model_dir} has no {precision} exit graphs to profile (has "
+                            f"{model.manifest.precisions}); try another --precision")
     before = thermal_state()
     memory = {k: exit_memory(model, k, batch=batch, warmup=warmup) for k in exits}
     times = exit_latencies(model, exits, runs=runs, batch=batch, warmup=warmup)

@@ -350,7 +350,7 @@ class DeviceModel:
         Inf are not run: their ``status`` says so."""
         if not self.exits:
             raise ManifestError(f"{self.manifest.dir} has no {self.precision} exit graphs: "
-                                "use the cascade")
+                                "classify with the cascade (--threshold)")
         k = exit if exit is not None else self.exits[-1]
         x = self.as_batch(x)
         res = Prediction.empty(len(x))
@@ -377,6 +377,12 @@ class DeviceModel:
             raise ManifestError(f"{self.manifest.dir} has no {self.precision} segment graphs: "
                                 "use --exit")
         last = max_exit or self.segments[-1]
+        missing = sorted(set(range(1, last + 1)) - set(self.segments))
+        if missing:  # before anything runs, not halfway through the file
+            raise ManifestError(f"{self.manifest.dir} has no {self.precision} segment "
+                                f"{missing[0]}, which the cascade to exit {last} needs (its "
+                                f"{self.precision} segments: {self.segments}); cascade at "
+                                "another --precision, or classify with --exit")
         x = self.as_batch(x)
         res = Prediction.empty(len(x))
         res.status[:] = NONFINITE_INPUT

@@ -386,6 +386,37 @@ def test_the_default_batch_bounds_the_input_values_per_call(export_dir, tmp_path
         assert DeviceModel(d).default_batch_size == batch
 
 
+def test_a_cascade_with_a_missing_segment_is_refused_before_it_runs(export_dir, tmp_path, hapt,
+                                                                     ort_calls):
+    """An export may leave a segment out at one precision (an int8 graph that lost too much
+    accuracy): a cascade that needs it says so before running any batch."""
+    def drop_segment_2(m):
+        m["files"] = [f for f in m["files"] if f["file"] != "segment_2.onnx"]
+        return m
+    d = copy_export(export_dir, tmp_path / "m", drop_segment_2)
+    model = DeviceModel(d)
+    with pytest.raises(ManifestError, match=r"no fp32 segment 2, which the cascade to exit 3 "
+                                            r"needs \(its fp32 segments: \[1, 3\]\)"):
+        model.cascade(hapt[1][:10], 0.5)
+    assert ort_calls == []
+    assert model.cascade(hapt[1][:10], 0.5, max_exit=1).valid.all()
+    assert model.predict(hapt[1][:10], exit=2).valid.all()  # the exit graphs are all there
+
+
+def test_an_export_without_exit_graphs_is_a_clear_error(export_dir, tmp_path, hapt):
+    def segments_only(m):
+        m["files"] = [f for f in m["files"] if f["kind"] == "segment"]
+        return m
+    d = copy_export(export_dir, tmp_path / "m", segments_only)
+    assert_clean_error(cli("profile", "--model-dir", d, "--runs", "1"), 1,
+                       "has no fp32 exit graphs to profile")
+    np.savez(tmp_path / "w.npz", x=hapt[1][:4])
+    assert_clean_error(cli("predict", "--model-dir", d, "--input", tmp_path / "w.npz"), 1,
+                       "has no fp32 exit graphs: classify with the cascade")
+    assert cli("predict", "--model-dir", d, "--input", tmp_path / "w.npz",
+               "--threshold", "0.5").exit_code == 0
+
+
 def test_a_lazy_file_is_read_one_batch_at_a_time(export_dir, tmp_path, hapt, monkeypatch):
     np.save(tmp_path / "w.npy", hapt[1][:50])
     x, _ = open_samples(tmp_path / "w.npy")

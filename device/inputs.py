@@ -116,13 +116,14 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray | Array
     with zf.open(info) as f:
         shape, fortran, dtype = _header(f, where)
         header_len = f.tell()
+    if info.file_size < header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        # checked before anything is allocated: a header may claim any shape
+        raise InputError(f"{where} is truncated: its header promises shape {shape}")
     lazy = (info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1
             and not fortran and shape)
     if not lazy:  # compressed: it must be inflated, once, whole
         with np.load(path, allow_pickle=False) as npz:
             return npz[key]
-    if info.file_size < header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-        raise InputError(f"{where} is truncated")
     return ArrayFile(path, _member_offset(path, info) + header_len, shape, dtype)
 
 

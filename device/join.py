@@ -101,8 +101,8 @@ def _import_torch() -> Any:
               help="NPZ with x (float32) and y (int64), optionally test_x and test_y.")
 @click.option("--tier", callback=_tier_arg, default=None, metavar="1|2|3|auto",
               help="Deepest tier this device can train; deeper tasks are refused. auto: the "
-                   "deepest exit whose p95 latency fits --budget-ms, measured on the ONNX "
-                   "graphs in --model-dir.")
+                   "deepest tier k whose exits 1..k all have their p95 latency within "
+                   "--budget-ms, measured on the ONNX graphs in --model-dir.")
 @click.option("--budget-ms", type=float, default=None, callback=budget_arg,
               help="Latency budget per inference for --tier auto (positive, ms; p95, "
                    "batch 1).")

@@ -5,10 +5,12 @@ latency budget and the tier rule."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,15 @@ def _write(tmp_path: Path, name: str, maker) -> Path:
     return path
 
 
+def _claims_huge_shape(path: Path) -> None:
+    """A compressed .npz member whose header claims 1.8 TB: refused before allocating it."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10**9, 3, 151)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", header.getvalue() + b"\0" * 100)
+
+
 BAD_FILES = [
     ("empty.npz", lambda p: np.savez(p), "holds no arrays"),
     ("strings.npz", lambda p: np.savez(p, x=np.array(["a", "b"])), "holds <U1 values, not "
@@ -207,6 +218,8 @@ BAD_FILES = [
     ("truncated.npy", lambda p: (np.save(p, np.zeros((50, 3, 151), np.float32)),
                                  p.write_bytes(p.read_bytes()[:5000])), "truncated"),
     ("broken.npz", lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 40), "cannot read"),
+    ("huge-header.npz", lambda p: _claims_huge_shape(p), "truncated: its header promises "
+                                                        r"shape \(1000000000, 3, 151\)"),
     ("two.npz", lambda p: np.savez(p, a=np.zeros((1, 3, 151)), b=np.zeros((1, 3, 151))),
      "holds a, b: name the samples with --key"),
 ]

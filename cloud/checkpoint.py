@@ -16,13 +16,17 @@ CHECKPOINT = "checkpoint.hmf"
 
 
 def save_checkpoint(out_dir: str | Path, server_round: int, global_state: State,
-                    strategy: Strategy, config: dict[str, Any]) -> Path:
+                    strategy: Strategy, config: dict[str, Any],
+                    guard: dict[str, Any] | None = None) -> Path:
+    """``guard``: the defences' run-long state (``cloud.robust.ServerGuard.to_json``)."""
     tensors = {f"global.{k}": v for k, v in global_state.items()}
     strategy_tensors, strategy_meta = strategy.state_tensors()
     tensors.update({f"strategy.{k}": v for k, v in strategy_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"format": "hmf-checkpoint/1", "round": server_round, "model": strategy.model,
             "strategy": strategy.name, "strategy_meta": strategy_meta, "config": config}
+    if guard is not None:
+        meta["guard"] = guard
     path = Path(out_dir) / CHECKPOINT
     tensorfile.save(path, tensors, meta)
     return path

@@ -13,6 +13,7 @@ from typing import Any
 
 import tomllib
 
+AGGREGATIONS = ("mean", "median", "trimmed-mean")  # cloud/aggregation.py accumulator
 GENERATE = ("convs", "convs+bn", "all")  # what HypeMeFed's hypernetworks may generate
 # what a shallow client adds to HypeMeFed's average for a deep tensor it neither trained nor got
 # generated: nothing ("skip": averaged over those that have it), or the global model's value
@@ -50,6 +51,10 @@ class RunConfig:
     weighting: str = "uniform"
     static_bn: bool | None = None  # None: the strategy's default (on for heterofl only)
     server_lr: float = 1.0  # cloud/aggregation.py server_step
+    aggregation: str = "mean"  # or "median", "trimmed-mean": cloud/aggregation.py
+    trim: float = 0.1  # trimmed-mean: share of each coordinate's values dropped at each end
+    clip_factor: float = 3.0  # bounded influence (cloud/robust.py); 0: off
+    clip_window: int = 5  # rounds of accepted deviations the bound is the median of
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1
@@ -67,6 +72,14 @@ class RunConfig:
         if not 0 < self.server_lr < float("inf"):
             raise ValueError("server_lr must be a finite number above 0 (1: the aggregate "
                              f"itself), got {self.server_lr}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                             f"got {self.aggregation!r}")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be at least 0 and below 0.5, got {self.trim}")
+        if not 0 <= self.clip_factor < float("inf") or self.clip_window < 1:
+            raise ValueError("clip_factor must be finite and >= 0 (0: no clipping) and "
+                             f"clip_window >= 1, got {self.clip_factor}, {self.clip_window}")
         if self.participants > self.clients:
             raise ValueError(f"participants ({self.participants}) exceeds clients ({self.clients})")
 

@@ -7,7 +7,10 @@ in order, and device ``i`` of the list *is* client ``i`` of the federation (its 
 by ``Federation.participants`` itself, so a fleet whose file was written by ``hmf-cloud
 partition`` trains exactly what ``hmf simulate`` trains with the same settings.
 
-Fleet file (JSON): ``{"devices": [{"id": "dev-00", "tier": 1}, ...]}``.
+Fleet file (JSON): ``{"devices": [{"id": "dev-00", "tier": 1, "samples": 120}, ...]}``;
+``samples`` (optional, written by ``hmf-cloud partition``) is what the cloud knows of a
+device's data: under ``--weighting samples`` a device weighs at most that much, whatever it
+claims.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from common.protocol import check_device_id
 class FleetDevice:
     id: str
     tier: int
+    samples: int | None = None  # local train samples, when the fleet's maker knows them
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Fleet:
             raise ValueError("device ids in a fleet must be unique")
         if any(d.tier not in (1, 2, 3) for d in self.devices):
             raise ValueError("every device's tier must be 1, 2 or 3")
+        if any(d.samples is not None and d.samples < 0 for d in self.devices):
+            raise ValueError("a device's samples must be a count, 0 or more")
         self._index = {d: i for i, d in enumerate(ids)}
 
     def index(self, device: str) -> int | None:
@@ -50,13 +56,20 @@ class Fleet:
         return [d.id for d in self.devices]
 
     def to_json(self) -> dict[str, Any]:
-        return {"devices": [{"id": d.id, "tier": d.tier} for d in self.devices]}
+        return {"devices": [_device_json(d) for d in self.devices]}
+
+    def tier_fractions(self) -> tuple[float, float, float]:
+        """The share of each tier among the fleet's devices."""
+        tiers = [d.tier for d in self.devices]
+        return tuple(tiers.count(t) / len(tiers) for t in (1, 2, 3))  # type: ignore[return-value]
 
     @classmethod
     def from_json(cls, obj: Any) -> Fleet:
         try:
-            return cls([FleetDevice(str(d["id"]), int(d["tier"])) for d in obj["devices"]])
-        except (KeyError, TypeError, ValueError) as e:
+            return cls([FleetDevice(str(d["id"]), int(d["tier"]),
+                                    None if d.get("samples") is None else int(d["samples"]))
+                        for d in obj["devices"]])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"fleet file: {e}; expected {{\"devices\": [{{\"id\": ..., "
                              "\"tier\": 1}}, ...]}}") from None
 
@@ -69,7 +82,7 @@ class Fleet:
 
     def save(self, path: str | Path) -> None:
         """One device a line: a fleet file is meant to be read and edited by people."""
-        rows = ",\n".join(f"  {json.dumps({'id': d.id, 'tier': d.tier})}" for d in self.devices)
+        rows = ",\n".join(f"  {json.dumps(_device_json(d))}" for d in self.devices)
         Path(path).write_text('{"devices": [\n' + rows + "\n]}\n")
 
     def federation(self, participants: int, tier_mix: tuple[float, float, float]) -> Federation:
@@ -84,6 +97,10 @@ class Fleet:
                                  f"{have} tier-{tier} devices: change --tier-mix or "
                                  "--participants")
         return Federation([], [], tiers, per_tier)
+
+
+def _device_json(d: FleetDevice) -> dict[str, Any]:
+    return {"id": d.id, "tier": d.tier, **({} if d.samples is None else {"samples": d.samples})}
 
 
 def select(fed: Federation, seed: int, server_round: int,
@@ -120,7 +137,7 @@ def write_partition(cfg: RunConfig, out: str | Path, prefix: str = "dev") -> Fle
         device = f"{prefix}-{i:0{width}d}"
         np.savez(out / f"{device}.npz", x=data.x[train], y=data.y[train].astype(np.int64),
                  test_x=data.x[test], test_y=data.y[test].astype(np.int64))
-        devices.append(FleetDevice(device, fed.tiers[i]))
+        devices.append(FleetDevice(device, fed.tiers[i], len(train)))
     if data.test_x is not None:
         ex, ey = data.test_x, data.test_y
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from cloud.config import RunConfig
 from cloud.evaluation import evaluate
 from cloud.federation import Federation, seed_of
+from cloud.robust import ServerGuard, non_finite, screen, server_snapshot
 from cloud.runlog import RunLog
 from cloud.strategies import ClientTask, ClientUpdate, Strategy, build_strategy
 from common.calibration import batches
 from common.data import load_dataset
-from common.models import State, build_model
+from common.models import SPECS, State, build_model
 from common.training import TrainConfig, train_task
 
 
@@ -35,7 +37,8 @@ def strategy_for(cfg: RunConfig) -> Strategy:
                           sweeps=cfg.hypernet_sweeps, reset=cfg.hypernet_reset,
                           gate=cfg.hypernet_gate, residual=cfg.hypernet_residual,
                           generate=cfg.generate, untrained=cfg.untrained, seed=cfg.seed,
-                          server_lr=cfg.server_lr, device=cfg.device, **extra)
+                          server_lr=cfg.server_lr, aggregation=cfg.aggregation, trim=cfg.trim,
+                          device=cfg.device, **extra)
 
 
 def initial_state(cfg: RunConfig) -> State:
@@ -59,6 +62,8 @@ class Simulation:
             TrainConfig(cfg.local_epochs, cfg.batch_size, cfg.lr))
         self.device = torch.device(cfg.device)
         self.x_dev, self.y_dev = self.x.to(self.device), self.y.to(self.device)
+        self.guard = ServerGuard(cfg.clip_factor, cfg.clip_window,
+                                 SPECS[cfg.model].num_classes)
 
     def train_client(self, global_state: State, task: ClientTask, server_round: int
                      ) -> ClientUpdate:
@@ -87,9 +92,14 @@ class Simulation:
             down += state_bytes(self.strategy.submodel(global_state, task)[1])
             updates.append(self.train_client(global_state, task, server_round))
         server_start = time.perf_counter()
+        trained = len(updates)
+        guard, (updates, rejected) = self.guard.round(global_state), screened(updates)
+        updates = guard.apply(updates)
+        snapshot = server_snapshot(self.strategy)
         new_state, server_metrics = self.strategy.aggregate(global_state, updates, server_round)
         new_state = server_step(global_state, new_state, self.strategy.server_lr)
-        new_state = self.strategy.calibrate(new_state, self.participant_batches(tasks))
+        if not non_finite(new_state):  # never calibrate (or commit) a broken model
+            new_state = self.strategy.calibrate(new_state, self.participant_batches(tasks))
         server_s = time.perf_counter() - server_start
         losses = [u.train_loss for u in updates]
         row: dict[str, Any] = {
@@ -98,21 +108,35 @@ class Simulation:
             "server_s": server_s, "hypernet_s": server_metrics.pop("hypernet_s", 0.0),
             "bytes_down": down, "bytes_up": sum(state_bytes(u.state) for u in updates),
             "train_loss": float(np.mean(losses)) if losses else None,
+            "rejected": dict(rejected), "clipped": guard.metrics(),
             **server_metrics,
         }
-        if not updates:
+        if not trained:
             row["note"] = "no participant could train this strategy's model: global unchanged"
-        if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
-            row["acc"] = evaluate(self.cfg.model, new_state, self.x, self.y, self.fed,
-                                  self.strategy.evaluated_exits(), self.test, str(self.device))
+        evaluated = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
+        acc = self._evaluate(new_state) if evaluated and not non_finite(new_state) else None
+        kept, why = self.guard.settle(guard, self.strategy, snapshot, global_state, new_state,
+                                      acc["global"] if acc else None)
+        row["committed"] = why is None
+        if why is not None:
+            row["note"] = f"not committed: {why}; the previous global model stays"
+            row["refused_acc"] = acc["global"] if acc else None
+            acc = self._evaluate(kept) if evaluated else None
+        if acc is not None:
+            row["acc"] = acc
         row["elapsed_s"] = time.perf_counter() - start
-        return new_state, row
+        return kept, row
+
+    def _evaluate(self, state: State) -> dict[str, Any]:
+        return evaluate(self.cfg.model, state, self.x, self.y, self.fed,
+                        self.strategy.evaluated_exits(), self.test, str(self.device))
 
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         first, state = 1, initial_state(self.cfg)
         if resume and (self.out / CHECKPOINT).exists():
             done, state, meta = load_checkpoint(self.out, self.strategy)
             _check_same_run(meta["config"], self.cfg.to_json())
+            self.guard.load_json(meta.get("guard"))
             first = done + 1
             self.log(f"resuming {self.out} after round {done}")
         elif resume:
@@ -120,10 +144,24 @@ class Simulation:
         runlog = RunLog(self.out, self.cfg.to_json(), resume_round=first - 1)
         for r in range(first, self.cfg.rounds + 1):
             state, row = self.round(state, r)
-            save_checkpoint(self.out, r, state, self.strategy, self.cfg.to_json())
+            save_checkpoint(self.out, r, state, self.strategy, self.cfg.to_json(),
+                            self.guard.to_json())
             runlog.append(row)
             self.log(format_round(row, self.cfg.rounds))
         return runlog.rows
+
+
+def screened(updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], Counter[str]]:
+    """The updates that can be aggregated at all, and the others counted by reason (the
+    fleet's decoder refuses the same ones as input)."""
+    kept, rejected = [], Counter()
+    for u in updates:
+        reason = screen(u.state)
+        if reason is None:
+            kept.append(u)
+        else:
+            rejected[reason] += 1
+    return kept, rejected
 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any]) -> None:

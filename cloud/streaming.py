@@ -18,18 +18,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloud.aggregation import RunningMean
+from cloud.robust import RoundGuard
 from cloud.strategies.base import ClientUpdate, Strategy
 from cloud.strategies.hypemefed import HypeMeFed
 from common.models import State
 
 
 class StreamingAggregate:
-    def __init__(self, strategy: Strategy, global_state: State, order: list[int]) -> None:
+    def __init__(self, strategy: Strategy, global_state: State, order: list[int],
+                 guard: RoundGuard | None = None) -> None:
         """``order``: the clients of the round's tasks in task order; the hypernetworks see
-        their training pairs in this order whatever the order of arrival, as in the simulator."""
+        their training pairs in this order whatever the order of arrival, as in the simulator.
+        ``guard``: the round's clipping (cloud/robust.py); an update it holds (no bound yet for
+        one of its tensors) is folded in when the round closes."""
         self.strategy, self.global_state, self.order = strategy, global_state, order
-        self.acc = RunningMean(global_state)
+        self.guard = guard
+        self.acc = strategy.accumulator(global_state)
         self.hyper = isinstance(strategy, HypeMeFed)
         self.custom = not self.hyper and type(strategy).aggregate is not Strategy.aggregate
         self.kept: dict[int, ClientUpdate] = {}
@@ -39,6 +43,11 @@ class StreamingAggregate:
         self.needed = strategy.needed_tensors() if self.hyper else set()  # type: ignore[attr-defined]
 
     def add(self, update: ClientUpdate) -> None:
+        ready = self.guard.arrive(update) if self.guard is not None else update
+        if ready is not None:
+            self._fold(ready)
+
+    def _fold(self, update: ClientUpdate) -> None:
         if self.custom:
             self.full.append(update)
             return
@@ -50,6 +59,8 @@ class StreamingAggregate:
                                                          update.train_loss)
 
     def finish(self, server_round: int) -> tuple[State, dict[str, Any]]:
+        for update in self.guard.release() if self.guard is not None else []:
+            self._fold(update)
         if self.custom:
             rank = {c: i for i, c in enumerate(self.order)}
             updates = sorted(self.full, key=lambda u: rank.get(u.task.client, len(rank)))

@@ -22,6 +22,7 @@ import json
 import math
 import re
 import struct
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,19 @@ class ProtocolError(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
+
+
+def printable(text: Any, limit: int = 200) -> str:
+    """``text`` safe to print on one log line: every control, format, separator or unassigned
+    character (newlines, ANSI escapes, bidi overrides) escaped as Python writes it, and at
+    most ``limit`` characters kept. Whatever a device sends is printed through this, so it can
+    neither forge log lines nor flood the log."""
+    text = text if isinstance(text, str) else str(text)
+    cut = len(text) - limit
+    out = "".join(ch.encode("unicode_escape").decode("ascii")
+                  if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch
+                  for ch in text[:limit])
+    return out + (f"... ({cut} more characters)" if cut > 0 else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +300,9 @@ MESSAGES: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     # cloud -> device replies to an offer
     "reply": {"run": _RUN, "round": _ROUND, "device": _DEVICE, "sha256": _text(SHA256, 64),
               "status": _choice("send", "wait", "accepted", "rejected"),
-              "reason": _text(limit=300)},
+              "reason": _text(limit=300),
+              # with "send": the chunks the cloud still lacks (null or absent: all of them)
+              "missing": _optional(_ints(100_000, MAX_BLOB_BYTES))},
     # cloud -> everyone, retained: the latest global model as ONNX graphs (docs/PROTOCOL.md)
     "model": {"run": _RUN, "round": _ROUND, "model": _text(limit=64),
               "format": _choice(GRAPH_FORMAT),
@@ -296,6 +312,11 @@ MESSAGES: dict[str, dict[str, Callable[[str, Any], Any]]] = {
                     "sha256": _text(SHA256, 64),
                     "missing": _optional(_ints(100_000, MAX_BLOB_BYTES))},
 }
+
+
+# Fields added to a message type after it was first shipped: a receiver reads them as None
+# when an older sender leaves them out (same schema: old receivers ignore them).
+OPTIONAL: dict[str, set[str]] = {"reply": {"missing"}}
 
 
 def _no_constants(name: str) -> Any:
@@ -340,9 +361,12 @@ def parse_control(payload: bytes, *kinds: str) -> dict[str, Any]:
         raise ProtocolError("unexpected message type", repr(kind)[:40])
     out: dict[str, Any] = {"type": kind}
     for name, check in MESSAGES[kind].items():
-        if name not in msg:
+        if name not in msg and name in OPTIONAL.get(kind, ()):
+            out[name] = None
+        elif name not in msg:
             raise ProtocolError("bad field", f"{name} missing")
-        out[name] = check(name, msg[name])
+        else:
+            out[name] = check(name, msg[name])
     return out
 
 

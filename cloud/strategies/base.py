@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cloud.aggregation import average_states, static_bn_statistics
+from cloud.aggregation import RobustAccumulator, RunningMean, accumulator, static_bn_statistics
 from common.models import NUM_BLOCKS, State, build_model, tier_state
 from common.training import TrainConfig
 
@@ -41,6 +41,8 @@ class Strategy:
     weighting: str = "uniform"  # or "samples"
     static_bn: bool = False  # recompute BatchNorm statistics from participants' data (HeteroFL)
     server_lr: float = 1.0  # the global model moves this fraction of the way to the aggregate
+    aggregation: str = "mean"  # or "median", "trimmed-mean" (cloud/aggregation.py)
+    trim: float = 0.1  # trimmed-mean: share of each coordinate's values dropped at each end
     name: str = field(default="base", init=False)
 
     def tasks(self, participants: list[tuple[int, int]]) -> list[ClientTask]:
@@ -64,11 +66,17 @@ class Strategy:
         """The tensors ``update`` adds to the average: by default what it trained."""
         return update.state
 
+    def accumulator(self, global_state: State) -> RunningMean | RobustAccumulator:
+        """What contributions are folded into: the weighted mean, or the robust rule chosen."""
+        return accumulator(global_state, self.aggregation, self.trim)
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
                   ) -> tuple[State, dict[str, Any]]:
         """New global state from this round's updates, and metrics worth logging."""
-        contributions = [(self.contribution(global_state, u), self.weight(u)) for u in updates]
-        return average_states(global_state, contributions), {}
+        acc = self.accumulator(global_state)
+        for u in updates:
+            acc.add(self.contribution(global_state, u), self.weight(u))
+        return acc.result(), {}
 
     def calibrate(self, state: State, batches: Iterable[torch.Tensor]) -> State:
         """Server-side fix-up of the aggregate from participants' data (HeteroFL's static BN);

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from cloud.aggregation import RunningMean
+from cloud.aggregation import RobustAccumulator, RunningMean
 from cloud.config import GENERATE
 from cloud.hypernet import RIDGE, SWEEPS, NaiveHypernet, build_hypernet, fit
 from cloud.strategies.base import ClientUpdate, Strategy
@@ -289,14 +289,14 @@ class HypeMeFed(Strategy):
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], server_round: int
                   ) -> tuple[State, dict[str, Any]]:
-        acc = RunningMean(global_state)
+        acc = self.accumulator(global_state)
         for u in updates:
             acc.add(self.contribution(global_state, u), self.weight(u))
         metrics = self.add_generated(acc, updates, server_round)
         return acc.result(), metrics
 
-    def add_generated(self, acc: RunningMean, updates: list[ClientUpdate], server_round: int
-                      ) -> dict[str, Any]:
+    def add_generated(self, acc: RunningMean | RobustAccumulator, updates: list[ClientUpdate],
+                      server_round: int) -> dict[str, Any]:
         """The server step: train the hypernetworks on ``updates`` (the tensors named by
         ``needed_tensors`` suffice), then add every client's generated tensors to ``acc``;
         returns the metrics."""

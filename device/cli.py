@@ -25,8 +25,14 @@ _MODEL_DIR = click.option("--model-dir", required=True,
                           type=click.Path(exists=True, file_okay=False),
                           help="Directory written by `hmf export onnx` (manifest.json), or "
                                "a joined device's WORK_DIR/model/current.")
-_PRECISION = click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
-                          show_default=True, help="Which exported graphs to run.")
+_PRECISION_HELP = ("Which exported graphs to run. auto: int8 for the exits whose int8 graphs "
+                   "agree with fp32 on this CPU (checked on the export's calibration windows), "
+                   "fp32 for the others.")
+_PRECISION = click.option("--precision", type=click.Choice(["fp32", "int8", "auto"]),
+                          default="fp32", show_default=True, help=_PRECISION_HELP)
+_PROFILE_PRECISION = click.option("--precision", type=click.Choice(["fp32", "int8", "auto"]),
+                                  default="auto", show_default=True,
+                                  help=_PRECISION_HELP + " With auto, int8 must also be faster.")
 _THREADS = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="ONNX Runtime intra-op threads [default: one per core].")
 _PROVIDERS = click.option("--providers", default="CPUExecutionProvider", show_default=True,
@@ -75,7 +81,7 @@ def _threshold_arg(ctx: click.Context, param: click.Parameter, value: float | No
 @click.option("--budget-ms", type=float, default=None, callback=budget_arg,
               help="Latency budget (positive, ms): report the deepest tier k whose exits "
                    "1..k all have their p95 within it.")
-@_PRECISION
+@_PROFILE_PRECISION
 @_THREADS
 @_PROVIDERS
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
@@ -105,13 +111,16 @@ def _print_profile(r: dict[str, Any]) -> None:
                f"(interleaved), threads {r['threads'] or 'default'}")
     click.echo(f"cpu: {s['cpu']} ({s['machine']}, {s['cores']} cores), onnxruntime "
                f"{s['onnxruntime']}")
-    click.echo(f"{'exit':>4} {'median ms':>10} {'p95 ms':>9} {'p99 ms':>9} {'samples/s':>10} "
-               f"{'peak MiB':>9} {'session MiB':>12}")
+    click.echo(f"{'exit':>4} {'precision':>9} {'median ms':>10} {'p95 ms':>9} {'p99 ms':>9} "
+               f"{'samples/s':>10} {'peak MiB':>9} {'session MiB':>12}")
     for e in r["exits"]:
         sess = "n/a" if e["session_mb"] is None else f"{e['session_mb']:.1f}"
-        click.echo(f"{e['exit']:>4} {e['median_ms']:>10.3f} {e['p95_ms']:>9.3f} "
-                   f"{e['p99_ms']:>9.3f} {e['throughput_per_s']:>10.1f} "
+        click.echo(f"{e['exit']:>4} {e['precision']:>9} {e['median_ms']:>10.3f} "
+                   f"{e['p95_ms']:>9.3f} {e['p99_ms']:>9.3f} {e['throughput_per_s']:>10.1f} "
                    f"{e['peak_rss_mb']:>9.1f} {sess:>12}")
+    for e in r["exits"]:
+        if "why" in e:
+            click.echo(f"exit {e['exit']}: {e['precision']}: {e['why']}")
     for when in ("before", "after"):
         t = r[f"thermal_{when}"]
         temps = t["temperatures_c"]
@@ -182,8 +191,7 @@ def predict(model_dir: str, input_path: str, key: str | None, exit_k: int | None
         raise click.UsageError("give --exit or --threshold, not both")
     x, y = _open_input(input_path, key)
     try:
-        model = DeviceModel(_pinned(model_dir), precision=precision, threads=threads,
-                            providers=_provider_list(providers))
+        model = _model(_pinned(model_dir), precision, threads, _provider_list(providers))
     except ManifestError as e:
         raise click.ClickException(str(e)) from None
     x = _checked_samples(model, x, exit_k, input_path)
@@ -204,6 +212,24 @@ def predict(model_dir: str, input_path: str, key: str | None, exit_k: int | None
         raise click.ClickException(f"not one of the {len(pred.labels)} samples could be "
                                    "classified: every one holds NaN or Inf (or gave non-finite "
                                    "logits); check the sensor or the export")
+
+
+def _model(model_dir: Path, precision: str, threads: int | None, providers: list[str]
+           ) -> DeviceModel:
+    """The model at ``precision``; for auto, int8 with the exits whose int8 graphs disagree
+    with fp32 on this CPU in fp32 (each choice said on stderr)."""
+    if precision != "auto":
+        return DeviceModel(model_dir, precision=precision, threads=threads, providers=providers)
+    from device.precision import choose_precisions
+
+    verdicts = choose_precisions(model_dir, threads=threads, providers=providers)
+    has_int8 = any(v.precision == "int8" for v in verdicts)
+    model = DeviceModel(model_dir, precision="int8" if has_int8 else "fp32", threads=threads,
+                        providers=providers, verify=False)
+    model.fp32_exits = {v.exit for v in verdicts if v.precision == "fp32"}
+    for v in verdicts:
+        click.echo(f"precision auto: exit {v.exit}: {v.precision} ({v.why})", err=True)
+    return model
 
 
 def _checked_samples(model: DeviceModel, x: Any, exit_k: int | None, path: str) -> Any:

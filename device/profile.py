@@ -226,6 +226,9 @@ def profile(model_dir: str | Path, *, runs: int = 100, batch: int = 1,
     memory, with the machine, ONNX Runtime's version and the thermal state before and after."""
     if runs < 1 or batch < 1 or warmup < 0:
         raise ValueError("runs and batch must be at least 1, warmup at least 0")
+    if precision == "auto":
+        return profile_auto(model_dir, runs=runs, batch=batch, threads=threads, warmup=warmup,
+                            exits=exits, providers=providers)
     model = DeviceModel(model_dir, precision=precision, threads=threads, providers=providers)
     exits = sorted(exits or model.exits)
     if not exits:  # e.g. every int8 exit left out by the export: nothing to time
@@ -237,15 +240,52 @@ def profile(model_dir: str | Path, *, runs: int = 100, batch: int = 1,
     model.close()
     rows = []
     for k in exits:
-        entry = model.manifest.entry("exit", k, model.precision)
-        rows.append({"exit": k, **summarize(times[k], batch), "runs": runs,
-                     "macs": entry.get("macs"), "params": entry.get("params"), **memory[k]})
+        entry = model.graph("exit", k)
+        rows.append({"exit": k, "precision": entry["precision"], **summarize(times[k], batch),
+                     "runs": runs, "macs": entry.get("macs"), "params": entry.get("params"),
+                     **memory[k]})
     return {"model": model.manifest.model, "model_dir": str(Path(model_dir).resolve()),
             "precision": precision, "batch": batch, "threads": threads, "runs": runs,
             "timing": "interleaved: every exit once per round, rounds rotated",
             "providers": model.providers,
             "system": system_info(), "thermal_before": before, "thermal_after": thermal_state(),
             "exits": rows}
+
+
+def profile_auto(model_dir: str | Path, *, exits: list[int] | None = None, **kw: Any
+                 ) -> dict[str, Any]:
+    """``profile`` with each exit at the precision that suits this board: int8 where this CPU's
+    int8 kernels agree with fp32 on the export's calibration windows (device/precision.py) and
+    int8 is faster (p95) than fp32 here, else fp32. Both precisions are timed; each row says
+    which was chosen and why, with the other's latency."""
+    from device.precision import choose_precisions
+
+    fp32 = profile(model_dir, precision="fp32", exits=exits, **kw)
+    if "int8" not in DeviceModel(model_dir, verify=False).manifest.precisions:
+        for row in fp32["exits"]:
+            row["why"] = "no int8 graphs in this export"
+        return {**fp32, "precision": "auto"}
+    verdicts = {v.exit: v for v in choose_precisions(model_dir, threads=kw.get("threads"),
+                                                     providers=kw.get("providers"))}
+    int8 = {row["exit"]: row for row in profile(model_dir, precision="int8", exits=exits,
+                                                **kw)["exits"]}
+    rows = []
+    for row in fp32["exits"]:
+        k, v = row["exit"], verdicts[row["exit"]]
+        q = int8[k]
+        faster = q["precision"] == "int8" and q["p95_ms"] < row["p95_ms"]
+        use_int8 = v.precision == "int8" and faster
+        why = v.why if v.precision != "int8" or faster else (
+            f"{v.why}, but int8 is not faster here (p95 {q['p95_ms']:.3f} ms against "
+            f"{row['p95_ms']:.3f} ms)")
+        chosen = q if use_int8 else row
+        rows.append({**chosen, "int8_agreement": v.agreement, "why": why,
+                     "latency_by_precision": {"fp32": _latency(row), "int8": _latency(q)}})
+    return {**fp32, "precision": "auto", "exits": rows}
+
+
+def _latency(row: dict[str, Any]) -> dict[str, float]:
+    return {k: row[k] for k in ("median_ms", "p95_ms")}
 
 
 def check_budget(budget_ms: float) -> float:

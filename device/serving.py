@@ -197,8 +197,14 @@ class ModelFetcher:
 
     # ------------------------------------------------------------------ fetching
     def _wanted(self, files: list[p.GraphFile]) -> list[p.GraphFile]:
+        """The graphs of this device's tier at its precisions; for int8, also the fp32 graphs
+        whose int8 version the export left out (it lost accuracy: they run in fp32)."""
         deepest = self.tier or 3
-        return [f for f in files if f.index <= deepest and f.precision in self.precisions]
+        have = {(f.kind, f.index, f.precision) for f in files}
+        return [f for f in files if f.index <= deepest and (
+            f.precision in self.precisions
+            or (f.precision == "fp32" and "int8" in self.precisions
+                and (f.kind, f.index, "int8") not in have))]
 
     def _room_for(self, size: int, server_round: int) -> bool:
         free = shutil.disk_usage(self.root).free

@@ -17,10 +17,13 @@ from device.cli import hmf_device
 from device.profile import deepest_tier_within, profile, tier_within
 from device.runtime import DeviceModel, ManifestError, softmax
 from export.data import export_data, hapt_split
-from export.exporter import export_onnx
+from export.exporter import Int8Policy, export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
+
+
+LOOSE = Int8Policy(min_agreement=0.0, max_drop=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,8 @@ def state():
 def model_dir(tmp_path_factory, state):
     out = tmp_path_factory.mktemp("hapt_onnx")
     export_onnx("hapt", state, out, export_data("hapt", None, calibration=32, evaluation=64),
-                quantize="int8")
+                quantize="int8",
+                int8=LOOSE)  # every int8 graph ships, on any CPU: these tests run them
     return out
 
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import pwd
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.protocol import DEVICE_DOWN, DEVICE_UP, PREFIX, check_device_id
 
 CLOUD_USER = "hmf-cloud"
+BROKER_USER = "mosquitto"  # whom mosquitto started as root switches to without a `user` line
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) hashes
 
 
@@ -89,14 +93,55 @@ def _write_secret(path: Path, text: str) -> None:
         f.write(text + "\n")
 
 
+def broker_user(run_as: str | None) -> str | None:
+    """The user mosquitto will read passwd and acl as: ``run_as``; or, when we are root (so
+    presumably the broker too), the one it switches to by default; else None (ourselves)."""
+    if run_as:
+        return run_as
+    return BROKER_USER if os.geteuid() == 0 else None
+
+
+def grant_broker(out: Path, files: list[Path], user: str | None) -> list[str]:
+    """Let ``user`` read ``files`` (root: group-readable by its group, nobody else) and check
+    it can reach them; returns what still stops it, for the operator to fix."""
+    if user is None:
+        return []
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return [f"user {user} does not exist: mosquitto cannot switch to it (--run-as USER)"]
+    if pw.pw_uid == os.geteuid():
+        return []
+    if os.geteuid() != 0:
+        return [f"mosquitto running as {user} cannot read {files[0].name}, owned by you with "
+                "mode 0600: run broker-config as root, or start mosquitto as yourself "
+                "(--run-as $(whoami))"]
+    for path in files:
+        os.chown(path, 0, pw.pw_gid)
+        os.chmod(path, 0o640)
+    return [f"mosquitto running as {user} cannot enter {d}: make it searchable "
+            f"(chmod o+x {d})" for d in (out, *out.parents) if not _searchable(d, pw)]
+
+
+def _searchable(directory: Path, pw: pwd.struct_passwd) -> bool:
+    mode = directory.stat()
+    if mode.st_uid == pw.pw_uid:
+        return bool(mode.st_mode & stat.S_IXUSR)
+    if mode.st_gid == pw.pw_gid:
+        return bool(mode.st_mode & stat.S_IXGRP)
+    return bool(mode.st_mode & stat.S_IXOTH)
+
+
 def write_broker_config(out: str | Path, devices: list[str], port: int = 1883,
-                        bind: str = "0.0.0.0", tls: TLSFiles | None = None,
+                        bind: str = "127.0.0.1", tls: TLSFiles | None = None,
                         cloud_user: str = CLOUD_USER, run_as: str | None = None
-                        ) -> dict[str, Path]:
-    """Write mosquitto.conf, passwd, acl and one secret file per account under ``out``.
+                        ) -> dict[str, Any]:
+    """Write mosquitto.conf, passwd, acl and one secret file per account under ``out``; the
+    returned ``warnings`` say what would still stop mosquitto from reading them.
 
     An account whose secret file already exists keeps its password, so adding a device to a
-    fleet does not invalidate the others'."""
+    fleet does not invalidate the others'. The listener binds loopback unless ``bind`` says
+    otherwise: a broker reachable from the network is a decision, not a default."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     users = [cloud_user] + [check_device_id(d) for d in devices]
@@ -114,5 +159,6 @@ def write_broker_config(out: str | Path, devices: list[str], port: int = 1883,
     _write_secret(out / "passwd", "\n".join(lines))
     (out / "acl").write_text(acl_text(users[1:], cloud_user))
     (out / "mosquitto.conf").write_text(mosquitto_conf(out, port, bind, tls, run_as))
+    warnings = grant_broker(out, [out / "passwd", out / "acl"], broker_user(run_as))
     return {"conf": out / "mosquitto.conf", "passwd": out / "passwd", "acl": out / "acl",
-            "secrets": out / "secrets"}
+            "secrets": out / "secrets", "warnings": warnings}

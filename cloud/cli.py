@@ -11,7 +11,14 @@ import click
 
 from cloud.config import GENERATE, PRESETS, UNTRAINED
 from cloud.federation import TIER_BY
-from cloud.options import hypernet_switches, resolve_flags, server_lr, setting, static_bn
+from cloud.options import (
+    hypernet_switches,
+    resolve_flags,
+    robust_options,
+    server_lr,
+    setting,
+    static_bn,
+)
 from cloud.strategies import STRATEGIES
 from common.models import NUM_BLOCKS, SPECS, build_model, macs_per_sample, param_count
 
@@ -80,6 +87,7 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @setting("batch-size", "Local batch size.", type=int)
 @setting("lr", "Local Adam learning rate.", type=float)
 @setting("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"]))
+@robust_options
 @static_bn
 @server_lr
 @setting("seed", "Seed of everything random.", type=int)

@@ -118,8 +118,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(preset: str | None = None, config_file: str | None = None,
-            overrides: dict[str, Any] | None = None) -> RunConfig:
-    settings: dict[str, Any] = {}
+            overrides: dict[str, Any] | None = None,
+            defaults: dict[str, Any] | None = None) -> RunConfig:
+    """``defaults``: settings below the preset, the file and the flags (e.g. derived from a
+    fleet file), above RunConfig's own."""
+    settings: dict[str, Any] = dict(defaults or {})
     from_file = read_toml(config_file) if config_file else {}
     preset = preset or from_file.pop("preset", None)
     from_file.pop("preset", None)

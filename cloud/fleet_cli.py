@@ -6,15 +6,26 @@ Registered on the ``hmf_cloud`` group of ``cloud/cli.py`` by ``register``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from cloud.config import GENERATE, PRESETS, UNTRAINED
+from cloud.config import GENERATE, PRESETS, UNTRAINED, RunConfig
 from cloud.federation import TIER_BY
-from cloud.options import hypernet_switches, resolve_flags, server_lr, setting, static_bn
+from cloud.options import (
+    DEFAULTS,
+    hypernet_switches,
+    resolve_flags,
+    robust_options,
+    server_lr,
+    setting,
+    static_bn,
+)
 from cloud.strategies import STRATEGIES
 from common.models import SPECS
+
+if TYPE_CHECKING:
+    from cloud.fleet import Fleet
 
 
 def _auth_options(f):
@@ -61,7 +72,9 @@ def _run_options(f):
         setting("local-epochs", "Local epochs per round.", type=int),
         setting("batch-size", "Local batch size.", type=int),
         setting("lr", "Local learning rate.", type=float),
-        setting("weighting", "Averaging weights.", type=click.Choice(["uniform", "samples"])),
+        setting("weighting", "Averaging weights (samples: at most the fleet file's count).",
+                type=click.Choice(["uniform", "samples"])),
+        robust_options,
         setting("seed", "Seed of everything random.", type=int),
         static_bn,
         server_lr,
@@ -92,6 +105,15 @@ def _run_options(f):
               help="Devices online before a round opens [default: --min-updates].")
 @click.option("--upload-slots", type=click.IntRange(min=1), default=16, show_default=True,
               help="Uploads reassembled at once (bounds the cloud's memory).")
+@click.option("--absent-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds after a round opens from which tasks of devices that are offline "
+              "no longer hold it open (it closes once every online device has answered).")
+@click.option("--fetch-budget", type=click.FloatRange(min=1), default=8.0, show_default=True,
+              help="Bytes a device may fetch per round, in sizes of its blob (graphs: of the "
+              "served model); more is refused.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=60.0,
+              show_default=True, help="Give up (exit 1) after this many seconds without a "
+              "first connection to the broker; 0: retry forever, each attempt logged.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads for the server step [default: torch's].")
 @click.option("--export-onnx", is_flag=True,
@@ -107,7 +129,8 @@ def _run_options(f):
 @_auth_options
 def start(broker: str, fleet_file: str, preset: str | None, config_file: str | None,
           min_updates: int, round_timeout: float, eval_data: str | None, transfer_dtype: str,
-          selection: str, wait_devices: int | None, upload_slots: int, threads: int | None,
+          selection: str, wait_devices: int | None, upload_slots: int, absent_grace: float,
+          fetch_budget: float, connect_timeout: float, threads: int | None,
           export_onnx: bool, export_quantize: str | None, serve_graphs_s: float,
           out: str, resume: bool,
           username: str | None, password_file: str | None, tls_ca: str | None,
@@ -119,36 +142,58 @@ def start(broker: str, fleet_file: str, preset: str | None, config_file: str | N
         raise click.UsageError("--export-quantize needs --export-onnx")
 
     from cloud.fleet import Fleet
-    from cloud.server import CloudOptions, FleetCloud
+    from cloud.server import BrokerUnreachable, CloudOptions, FleetCloud
     from common.mqtt_link import broker_settings
 
     if threads:
         torch.set_num_threads(threads)
     try:
         fleet = Fleet.load(fleet_file)
-        cfg = resolve_flags(preset, config_file, flags, {"clients": len(fleet.devices)})
+        cfg = fleet_config(fleet, preset, config_file, flags)
         settings = broker_settings(broker, username or ("hmf-cloud" if password_file else None),
                                    password_file, tls_ca, tls_cert, tls_key)
         opts = CloudOptions(min_updates=min_updates, round_timeout=round_timeout,
                             transfer_dtype=transfer_dtype, select=selection,
                             wait_devices=wait_devices, upload_slots=upload_slots,
+                            absent_grace=absent_grace, fetch_budget=fetch_budget,
+                            connect_timeout=connect_timeout,
                             eval_data=eval_data, export_onnx=export_onnx,
                             export_quantize=export_quantize, serve_graphs_s=serve_graphs_s)
         click.echo(f"hmf-cloud start: {cfg.strategy} on {cfg.model}, {len(fleet.devices)} "
                    f"devices, {cfg.participants} a round, {cfg.rounds} rounds -> {out}")
         FleetCloud(cfg, fleet, out, settings, opts, log=click.echo,
                    client_id=settings.username or "hmf-cloud").run(resume=resume)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, BrokerUnreachable) as e:
         raise click.ClickException(str(e)) from None
+
+
+def fleet_config(fleet: Fleet, preset: str | None, config_file: str | None,
+                 flags: dict[str, Any]) -> RunConfig:
+    """The run's settings, with defaults a fleet file implies where nothing else sets them:
+    clients = its devices, participants at most that many, and when the default tier mix
+    asks for more devices of a tier than the fleet has, the fleet's own mix."""
+    n = len(fleet.devices)
+    derived: dict[str, Any] = {"participants": min(DEFAULTS["participants"], n)}
+    cfg = resolve_flags(preset, config_file, flags, {"clients": n}, derived)
+    try:
+        fleet.federation(cfg.participants, cfg.tier_mix)
+    except ValueError:
+        if cfg.tier_mix != RunConfig().tier_mix:
+            raise
+        derived["tier_mix"] = fleet.tier_fractions()
+        cfg = resolve_flags(preset, config_file, flags, {"clients": n}, derived)
+    return cfg
 
 
 @click.command("broker-config")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for mosquitto.conf, passwd, acl and secrets/.")
 @click.option("--devices", required=True, multiple=True,
-              help="Device ids (repeat, or a fleet.json file).")
+              help="Device ids, or a fleet.json file: --devices a b c, or repeated.")
+@click.argument("more_devices", nargs=-1, metavar="[ID]...")
 @click.option("--port", type=int, default=None, help="Listener port [1883, or 8883 with TLS].")
-@click.option("--bind", default="0.0.0.0", show_default=True, help="Listener address.")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Listener address (0.0.0.0: every interface, for devices on the network).")
 @click.option("--tls-ca", default=None, help="CA file for the TLS listener.")
 @click.option("--tls-cert", default=None, help="Broker certificate.")
 @click.option("--tls-key", default=None, help="Broker private key.")
@@ -156,7 +201,8 @@ def start(broker: str, fleet_file: str, preset: str | None, config_file: str | N
 @click.option("--run-as", default=None,
               help="User mosquitto switches to when started as root (must read passwd/acl); "
               "e.g. $(whoami) for a local demo.")
-def broker_config(out: str, devices: tuple[str, ...], port: int | None, bind: str,
+def broker_config(out: str, devices: tuple[str, ...], more_devices: tuple[str, ...],
+                  port: int | None, bind: str,
                   tls_ca: str | None, tls_cert: str | None, tls_key: str | None,
                   require_client_cert: bool, run_as: str | None) -> None:
     """Write a mosquitto config: password file, per-device ACL, optional TLS."""
@@ -164,7 +210,7 @@ def broker_config(out: str, devices: tuple[str, ...], port: int | None, bind: st
     from cloud.fleet import Fleet
 
     ids: list[str] = []
-    for d in devices:
+    for d in devices + more_devices:
         ids += Fleet.load(d).ids if d.endswith(".json") and Path(d).is_file() else [d]
     tls = None
     if tls_ca or tls_cert or tls_key:
@@ -176,9 +222,11 @@ def broker_config(out: str, devices: tuple[str, ...], port: int | None, bind: st
                                     run_as=run_as)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {paths['conf']} ({len(ids)} devices + hmf-cloud); passwords in "
-               f"{paths['secrets']}/<user>.txt: hand each device its own only.\n"
-               f"start the broker: mosquitto -c {paths['conf']}")
+    click.echo(f"wrote {paths['conf']} ({len(ids)} devices + hmf-cloud, listening on "
+               f"{bind}); passwords in {paths['secrets']}/<user>.txt: hand each device its own "
+               f"only.\nstart the broker: mosquitto -c {paths['conf']}")
+    for warning in paths["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command()

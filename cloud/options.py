@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cloud.config import RunConfig, resolve
+from cloud.config import AGGREGATIONS, RunConfig, resolve
 
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 
@@ -58,9 +58,29 @@ def hypernet_switches(f: Any) -> Any:
     return hypernet_reset(hypernet_gate(hypernet_residual(f)))
 
 
+def robust_options(f: Any) -> Any:
+    """The defences against poisoned updates (cloud/robust.py), shared by both commands."""
+    for option in reversed([
+        setting("aggregation", "How updates are combined: the weighted mean, or a robust rule "
+                "per coordinate (unweighted; keeps every update until the round closes).",
+                type=click.Choice(list(AGGREGATIONS))),
+        setting("trim", "trimmed-mean: share of each coordinate's values dropped at each end.",
+                type=click.FloatRange(0, 0.5, max_open=True)),
+        setting("clip-factor", "Bounded influence: each update's deviation from the global "
+                "model is clipped, per tensor, to this many times the median deviation of "
+                "recent rounds (0: off).", type=click.FloatRange(min=0)),
+        setting("clip-window", "Rounds of accepted deviations the clipping bound is the "
+                "median of.", type=click.IntRange(min=1)),
+    ]):
+        f = option(f)
+    return f
+
+
 def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, Any],
-                  extra: dict[str, Any] | None = None) -> RunConfig:
-    """RunConfig from --preset, --config and the flags given (None = not given)."""
+                  extra: dict[str, Any] | None = None,
+                  defaults: dict[str, Any] | None = None) -> RunConfig:
+    """RunConfig from --preset, --config and the flags given (None = not given); ``extra``
+    overrides them all, ``defaults`` fills what none of them sets."""
     overrides = {k: v for k, v in flags.items() if v is not None}
     if "tier_mix" in overrides:
         try:
@@ -68,4 +88,4 @@ def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, 
         except ValueError:
             raise click.BadParameter("three comma-separated fractions, e.g. 0.3,0.4,0.3",
                                      param_hint="--tier-mix") from None
-    return resolve(preset, config_file, {**overrides, **(extra or {})})
+    return resolve(preset, config_file, {**overrides, **(extra or {})}, defaults)

@@ -99,6 +99,8 @@ class DeviceAgent:
         self.runs_seen: set[str] = set()  # runs seen open: only their end makes us leave
         self.phase = "idle"  # idle | fetching | offering | sending
         self.last_sent = 0.0
+        self.cloud_state: str | None = None  # the cloud's last status: online | offline
+        self.uploaded: tuple[str, float] | None = None  # (sha256, when) of the last full upload
         self.stopping = False
         self.training = False
 
@@ -221,6 +223,9 @@ class DeviceAgent:
     def _on_cloud_status(self, state: str) -> None:
         """A cloud that (re)starts may have lost what it accepted before: offer again what this
         device did for the current round (the cloud ignores an offer it already has)."""
+        if state == self.cloud_state:  # republished after a reconnect: the cloud is the same
+            return
+        self.cloud_state = state
         self.log(f"{self.id}: cloud {state}")
         if state == "online":
             self.done.clear()
@@ -440,11 +445,7 @@ class DeviceAgent:
             return
         self.last_sent = time.monotonic()
         if msg["status"] == "send":
-            self.phase = "sending"
-            for i in range(ref.chunks):
-                self.link.publish(self.topic("update"),
-                                  p.chunk_frame(res["blob"], ref, i, task["run"], task["round"]))
-            self.log(f"{self.id}: round {task['round']}: uploading {ref.chunks} chunk(s)")
+            self._upload(task, res["blob"], ref, msg["missing"])
         elif msg["status"] == "wait":
             self.phase = "offering"
         else:
@@ -454,6 +455,26 @@ class DeviceAgent:
                      "the next round")
             self.done.add(_done_key(task))
             self.phase = "idle"
+
+    def _upload(self, task: dict[str, Any], blob: bytes, ref: p.BlobRef,
+                missing: list[int] | None) -> None:
+        """Send the chunks the cloud lacks (all if it does not say). A "send" for all of a blob
+        sent in full less than ``retry_s`` ago answers a repeated offer: those chunks are on
+        their way, and sending them again would only make duplicates."""
+        recent = self.uploaded is not None and self.uploaded[0] == ref.sha256 and (
+            time.monotonic() - self.uploaded[1] < self.retry_s)
+        if missing is None and recent and self.phase == "sending":
+            return
+        self.phase = "sending"
+        indices = range(ref.chunks) if missing is None else [i for i in missing
+                                                               if i < ref.chunks]
+        for i in indices:
+            self.link.publish(self.topic("update"),
+                              p.chunk_frame(blob, ref, i, task["run"], task["round"]))
+        if missing is None:
+            self.uploaded = (ref.sha256, time.monotonic())
+        self.log(f"{self.id}: round {task['round']}: uploading {len(indices)} of {ref.chunks} "
+                 "chunk(s)")
 
     # ------------------------------------------------------------------ work-dir cache
     def _save_result(self) -> None:

@@ -59,6 +59,7 @@ CORES = {
     "neoverse-n1": ("0x3", "0xd0c", "1", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
                     "fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs"),
 }
+GENERIC_CORE = ("0x1", "0xd07", "1", "fp asimd evtstrm crc32 cpuid")  # Cortex-A57, for others
 
 
 def log(msg: str) -> None:
@@ -100,13 +101,18 @@ def probe(model_dir: Path, windows: Path, out: Path, threads: int) -> None:
 
     x = np.load(windows)["x"]
     logits: dict[str, np.ndarray] = {}
+    kept_fp32 = []  # int8 exits the export left in fp32: an int8 device runs fp32 there
     for precision in Manifest.load(model_dir).precisions:
         model = DeviceModel(model_dir, precision=precision, threads=threads)
         for k in model.exits:
+            if model.precision_of("exit", k) != precision:
+                kept_fp32.append(k)
+                continue
             logits[f"{precision}/{k}"] = np.concatenate(
                 [model.logits(x[i:i + 256], exit=k) for i in range(0, len(x), 256)])
     info = {"machine": platform.machine(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, **hwcaps()}
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "int8_kept_fp32_by_export": kept_fp32, **hwcaps()}
     np.savez(out, info=json.dumps(info), **logits)
 
 
@@ -154,14 +160,15 @@ def _relative_symlinks(root: Path) -> None:
 def write_cpuinfo(root: Path, cpu: str) -> None:
     """ROOT/proc/cpuinfo as the emulated core's kernel would write it, one entry per CPU that
     this machine's /sys lists (ONNX Runtime's detection reads both and matches them up)."""
-    variant, part, revision, features = CORES[cpu]
+    variant, part, revision, features = CORES.get(cpu, GENERIC_CORE)
     last = Path("/sys/devices/system/cpu/present").read_text().strip().split("-")[-1]
     entry = ("processor\t: {}\nBogoMIPS\t: 108.00\nFeatures\t: " + features +
              "\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: " + variant +
              "\nCPU part\t: " + part + "\nCPU revision\t: " + revision + "\n\n")
     (root / "proc").mkdir(exist_ok=True)
-    (root / "proc" / "cpuinfo").write_text("".join(entry.format(i)
-                                                   for i in range(int(last) + 1)))
+    tmp = root / "proc" / f".cpuinfo.{os.getpid()}"
+    tmp.write_text("".join(entry.format(i) for i in range(int(last) + 1)))
+    tmp.replace(root / "proc" / "cpuinfo")  # atomic: another check may be starting a guest
 
 
 def ensure_root(cache: Path) -> Path:
@@ -251,17 +258,18 @@ def export(checkpoint: Path, out: Path) -> str:
     return res.stdout + res.stderr
 
 
-def test_windows(path: Path, cli_path: Path, n: int) -> np.ndarray:
-    """``n`` windows of the UCI test volunteers drawn with a fixed seed (all for 0), and the
-    first 32 of them for the CLI runs."""
+def test_windows(path: Path, n: int | None, cli_path: Path | None = None) -> np.ndarray:
+    """``n`` windows of the UCI test volunteers drawn with a fixed seed (all for 0 or None),
+    and the first 32 of them for the CLI runs. (bench/int8_isa.py uses it too.)"""
     from export.data import hapt_split
 
     _, (x, y) = hapt_split()
-    if 0 < n < len(y):
+    if n and 0 < n < len(y):
         keep = np.sort(np.random.default_rng(0).choice(len(y), n, replace=False))
         x, y = x[keep], y[keep]
     np.savez(path, x=x, y=y)
-    np.savez(cli_path, x=x[:32], y=y[:32])
+    if cli_path is not None:
+        np.savez(cli_path, x=x[:32], y=y[:32])
     return y
 
 
@@ -272,6 +280,7 @@ def test_windows(path: Path, cli_path: Path, n: int) -> np.ndarray:
 def guest(root: Path, site: Path, cpu: str, *args: Any, timeout: int = 3600
           ) -> subprocess.CompletedProcess:
     """Debian's arm64 Python under qemu with the aarch64 wheels and this checkout on its path."""
+    write_cpuinfo(root, cpu)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": f"{site}:{ROOT}",
            "PYTHONNOUSERSITE": "1", "HOME": os.environ.get("HOME", "/tmp"), "LC_ALL": "C.UTF-8"}
     return sh([QEMU, "-cpu", cpu, "-L", root, root / "usr/bin/python3.11", *args], env=env,
@@ -358,7 +367,7 @@ def compare(x86: dict[str, np.ndarray], arm: dict[str, np.ndarray], y: np.ndarra
                 (arm[q].argmax(1) == x86[q].argmax(1)).mean())
             row["int8_max_abs_diff_arm_vs_x86"] = float(np.abs(arm[q] - x86[q]).max())
         else:
-            row["int8"] = "not exported for this exit"
+            row["int8"] = "not exported for this exit (the export kept it in fp32)"
         exits[k] = row
     return exits
 
@@ -411,7 +420,7 @@ def check(args: argparse.Namespace) -> int:
                                        cache / "cli_windows.npz")
     log(f"exporting {checkpoint} with int8")
     export_log = export(checkpoint, model_dir)
-    y = test_windows(windows, cli_windows, args.windows)
+    y = test_windows(windows, args.windows, cli_windows)
     log(f"x86 reference on {len(y)} test windows")
     x86 = run_probe("x86", cache / "x86.npz", model_dir, windows, args.threads)
     x86_preds = host_cli(model_dir, cli_windows)
@@ -430,7 +439,6 @@ def check(args: argparse.Namespace) -> int:
     failed = False
     for cpu in args.cpus.split(","):
         log(f"aarch64 ({cpu}) under qemu: the probe, then hmf-device profile and predict")
-        write_cpuinfo(root, cpu)
         arm = run_probe(cpu, cache / f"arm-{cpu}.npz", model_dir, windows, args.threads,
                         root, site)
         info = json.loads(str(arm.pop("info")))

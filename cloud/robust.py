@@ -19,8 +19,8 @@ Three defences, each on by default or chosen by a flag:
   dropped, instead of the weighted mean. Unweighted; they keep every contribution until the
   round closes.
 - **A safety net** (``verdict``): a round whose new global model holds a non-finite value, or
-  whose evaluation has collapsed (every evaluated exit keeps less than ``COLLAPSE`` of the last
-  committed round's margin above chance, 1 / classes) is not committed: the global model,
+  whose evaluation has collapsed (every evaluated exit that was ``MIN_MARGIN`` above chance,
+  1 / classes, keeps less than ``COLLAPSE`` of that margin) is not committed: the global model,
   the strategy's server state and the bound's history stay as they were.
 """
 
@@ -41,6 +41,7 @@ from common.models import State
 MIN_HISTORY = 3  # past values a tensor needs before its bound is fixed at the round's start
 COLLAPSE = 0.25  # a round collapses when every exit keeps under this share of its margin
 # above chance (honest rounds on small data lose half of it: 0.51 -> 0.32 with 6 classes)
+MIN_MARGIN = 0.05  # an exit less than this above chance tells nothing: it is not judged
 
 
 def lower_median(values: list[float]) -> float:
@@ -195,11 +196,13 @@ def collapsed(acc: dict[str, float | None], last: dict[str, float | None] | None
               chance: float) -> bool:
     """Every exit evaluated both now and in the last committed round keeps less than
     ``COLLAPSE`` of its margin above ``chance`` (a poisoned model predicts one class: chance
-    or the share of that class). An exit that was not above chance does not count."""
+    or the share of that class). An exit that was not ``MIN_MARGIN`` above chance then is not
+    judged (HypeMeFed's deep exits sit at chance for the first rounds)."""
     if not last:
         return False
     pairs = [(acc[k] - chance, last[k] - chance) for k in acc
-             if acc.get(k) is not None and last.get(k) is not None and last[k] > chance]
+             if acc.get(k) is not None and last.get(k) is not None
+             and last[k] >= chance + MIN_MARGIN]
     return bool(pairs) and all(now < COLLAPSE * before for now, before in pairs)
 
 

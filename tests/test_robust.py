@@ -141,6 +141,9 @@ def test_verdict_refuses_non_finite_and_collapsed_rounds_only():
     assert not collapsed({"1": 0.32}, {"1": 0.51}, chance)  # an honest dip on small data
     assert not collapsed({"1": 0.1}, None, chance)  # nothing to compare with in round 1
     assert not collapsed({"1": 0.1}, {"1": 0.15}, chance)  # never above chance
+    # exits at chance (HypeMeFed's deep ones early on) are not judged; exit 1 collapsed
+    assert collapsed({"1": 0.19, "2": 0.197, "3": 0.194}, {"1": 0.378, "2": 0.194, "3": 0.19},
+                     chance)
 
 
 class _Poisoned(Simulation):

@@ -265,18 +265,24 @@ def _narrow_calibration(n: int = 64) -> ExportData:
 
 
 def test_int8_over_the_bounds_is_kept_in_fp32_with_the_reason(tmp_path, trained):
+    """Every graph that takes the raw windows (the exits, segment 1) quantises them with the
+    narrowed ranges and fails; deeper segments take features and may pass. Whatever ships is
+    within the bounds, whatever does not has no file and says why."""
     m = export_onnx("hapt", trained, tmp_path, _narrow_calibration(), quantize="int8",
                     tiers=[1, 2])
     q = m["quantization"]
-    assert q["kept_fp32"] == sorted(f"{kind}_{k}" for kind in ("exit", "segment")
-                                    for k in (1, 2))
-    for v in q["graphs"].values():
+    assert {"exit_1", "exit_2", "segment_1"} <= set(q["kept_fp32"])
+    for name, v in q["graphs"].items():
         drop = v["accuracy_fp32"] - v["accuracy_int8"]
-        assert v["precision"] == "fp32" and (v["agreement_with_fp32"] < 0.97 or drop > 0.02)
-        assert v["reason"].startswith("agrees with fp32 on" if v["agreement_with_fp32"] < 0.97
-                                      else "loses")
-    assert m["precisions"] == ["fp32"] and not list(tmp_path.glob("*.int8.onnx"))
-    assert all(f["precision"] == "fp32" for f in m["files"])
+        fails = v["agreement_with_fp32"] < 0.97 or drop > 0.02
+        assert (name in q["kept_fp32"]) == fails == (v["precision"] == "fp32")
+        assert (tmp_path / f"{name}.int8.onnx").exists() == (not fails)
+        if fails:
+            assert v["reason"].startswith("agrees with fp32 on"
+                                          if v["agreement_with_fp32"] < 0.97 else "loses")
+    int8 = {f["file"] for f in m["files"] if f["precision"] == "int8"}
+    assert int8 == {f"{n}.int8.onnx" for n in q["graphs"] if n not in q["kept_fp32"]}
+    assert ("int8" in m["precisions"]) == bool(int8)
 
 
 def test_int8_over_the_bounds_refused_leaves_no_manifest(tmp_path, trained):

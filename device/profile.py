@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from device.runtime import DeviceModel, ManifestError
+from device.runtime import DeviceModel, Manifest, ManifestError
 
 STATS = ("median_ms", "p95_ms", "p99_ms", "mean_ms")
 
@@ -258,13 +258,17 @@ def profile_auto(model_dir: str | Path, *, exits: list[int] | None = None, **kw:
     int8 kernels agree with fp32 on the export's calibration windows (device/precision.py) and
     int8 is faster (p95) than fp32 here, else fp32. Both precisions are timed; each row says
     which was chosen and why, with the other's latency."""
-    from device.precision import choose_precisions
+    from device.precision import choose_precisions, unchecked_reason
 
+    manifest = Manifest.load(model_dir, verify=False)
+    if "int8" not in manifest.precisions:
+        return _as_auto(profile(model_dir, precision="fp32", exits=exits, **kw),
+                        "no int8 graphs in this export")
+    reason = unchecked_reason(manifest)
+    if reason:  # e.g. a model served over MQTT at int8: run what is there, say it is unchecked
+        return _as_auto(profile(model_dir, precision="int8", exits=exits, **kw),
+                        f"int8 not checked against fp32 here: {reason}")
     fp32 = profile(model_dir, precision="fp32", exits=exits, **kw)
-    if "int8" not in DeviceModel(model_dir, verify=False).manifest.precisions:
-        for row in fp32["exits"]:
-            row["why"] = "no int8 graphs in this export"
-        return {**fp32, "precision": "auto"}
     verdicts = {v.exit: v for v in choose_precisions(model_dir, threads=kw.get("threads"),
                                                      providers=kw.get("providers"))}
     int8 = {row["exit"]: row for row in profile(model_dir, precision="int8", exits=exits,
@@ -282,6 +286,12 @@ def profile_auto(model_dir: str | Path, *, exits: list[int] | None = None, **kw:
         rows.append({**chosen, "int8_agreement": v.agreement, "why": why,
                      "latency_by_precision": {"fp32": _latency(row), "int8": _latency(q)}})
     return {**fp32, "precision": "auto", "exits": rows}
+
+
+def _as_auto(report: dict[str, Any], why: str) -> dict[str, Any]:
+    for row in report["exits"]:
+        row["why"] = why
+    return {**report, "precision": "auto"}
 
 
 def _latency(row: dict[str, Any]) -> dict[str, float]:

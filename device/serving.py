@@ -293,7 +293,9 @@ class ModelFetcher:
         files = [e for e in d.manifest["files"] if e["file"] in kept]
         exits = sorted({e["index"] for e in files if e["kind"] == "exit"})
         precisions = [q for q in ("fp32", "int8") if any(e["precision"] == q for e in files)]
+        # calibration.npz is not served: the device's manifest must not promise it
         manifest = {**d.manifest, "files": files, "tiers": exits, "precisions": precisions,
+                    "calibration": None,
                     "served": {"run": d.run, "round": d.round, "device": self.device,
                                "tier": self.tier, "manifest_sha256": d.wanted[0][1].sha256,
                                "fetched_unix": time.time()}}

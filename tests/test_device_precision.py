@@ -165,3 +165,28 @@ def test_an_int8_device_fetches_fp32_where_int8_was_left_out(tmp_path):
     fp32 = ModelFetcher(tmp_path / "b", "d2", tier=2, precisions=("fp32",), log=lambda _: None)
     assert sorted(f.file for f in fp32._wanted(files)) == [
         "exit_1.onnx", "exit_2.onnx", "segment_1.onnx", "segment_2.onnx"]
+
+
+def test_a_served_int8_model_is_profiled_as_it_is_and_said_unchecked(good, tmp_path, windows):
+    """What an int8 device fetched over MQTT looks like: int8 graphs only, no calibration
+    windows (they are not served), a "served" entry. profile --precision auto (the default)
+    and predict --precision auto run int8 and say that it was not checked here."""
+    d = _copy(good, tmp_path / "served")
+    for k in (1, 2):
+        for kind in ("exit", "segment"):
+            (d / f"{kind}_{k}.onnx").unlink()
+    (d / "calibration.npz").unlink()
+
+    def change(m):
+        m["files"] = [f for f in m["files"] if f["precision"] == "int8"]
+        m.update(precisions=["int8"], calibration=None, served={"run": "r", "round": 1})
+    _rewrite(d, change)
+    r = profile(d, precision="auto", runs=3)
+    assert [row["precision"] for row in r["exits"]] == ["int8", "int8"]
+    assert all("not checked against fp32 here: no calibration windows here (a model served"
+               in row["why"] for row in r["exits"])
+    np.save(tmp_path / "w.npy", windows)
+    res = CliRunner().invoke(hmf_device, ["predict", "--model-dir", str(d), "--input",
+                                          str(tmp_path / "w.npy"), "--precision", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "precision auto: exit 2: int8 (int8 not checked against fp32 here" in res.stderr

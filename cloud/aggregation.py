@@ -27,6 +27,17 @@ def leading_slice(shape: torch.Size | tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
 
 
+def fitting_reference(reference: State, name: str, t: torch.Tensor) -> torch.Tensor:
+    """The global tensor a contribution ``t`` named ``name`` goes into: it must exist, and ``t``
+    must fit its leading slice (a width-scaled submodel's tensor, or the whole)."""
+    ref = reference.get(name)
+    if ref is None:
+        raise KeyError(f"contribution has tensor {name!r} that the global model lacks")
+    if t.dim() != ref.dim() or any(a > b for a, b in zip(t.shape, ref.shape, strict=True)):
+        raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(ref.shape)}")
+    return ref
+
+
 class RunningMean:
     """Weighted mean by name (and by element for leading slices) of streamed contributions."""
 
@@ -37,11 +48,7 @@ class RunningMean:
 
     def add(self, state: State, weight: float = 1.0) -> None:
         for name, t in state.items():
-            ref = self.reference.get(name)
-            if ref is None:
-                raise KeyError(f"contribution has tensor {name!r} that the global model lacks")
-            if t.dim() != ref.dim() or any(a > b for a, b in zip(t.shape, ref.shape, strict=True)):
-                raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(ref.shape)}")
+            ref = fitting_reference(self.reference, name, t)
             if name not in self.sums:
                 self.sums[name] = torch.zeros_like(ref, dtype=torch.float64)
                 self.weights[name] = torch.zeros_like(ref, dtype=torch.float64)
@@ -85,11 +92,7 @@ class RobustAccumulator:
 
     def add(self, state: State, weight: float = 1.0) -> None:
         for name, t in state.items():
-            ref = self.reference.get(name)
-            if ref is None:
-                raise KeyError(f"contribution has tensor {name!r} that the global model lacks")
-            if t.dim() != ref.dim() or any(a > b for a, b in zip(t.shape, ref.shape, strict=True)):
-                raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(ref.shape)}")
+            fitting_reference(self.reference, name, t)  # refuses what does not fit
             self.kept.setdefault(name, []).append(t.detach())
 
     def contributors(self, name: str) -> float:

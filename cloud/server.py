@@ -559,18 +559,8 @@ class FleetCloud:
         if msg["sha256"] not in rel.blobs:
             raise p.ProtocolError("unknown blob", msg["sha256"][:16])
         ref = rel.blobs[msg["sha256"]][1]
-        budget = self.opts.fetch_budget * rel.size
-        for i in wanted_chunks(msg["missing"], ref):
-            key = (device, ref.sha256, i)
-            if key in self.graph_queued:
-                self.duplicates["fetched chunk"] += 1
-                continue
-            size = chunk_size(ref, i)
-            if self.graph_fetched[device] + size > budget:
-                raise p.ProtocolError("fetch budget", f"{self.graph_fetched[device]} bytes of "
-                                      f"round {rel.round}'s graphs already sent")
-            self.graph_fetched[device] += size
-            self.graph_queued.add(key)
+        for i in self._admit(device, ref.sha256, msg["missing"], ref, self.graph_queued,
+                             self.graph_fetched, self.opts.fetch_budget * rel.size):
             self.graph_sending.append((device, ref.sha256, i, rel.round))
 
     def _send_graph_chunks(self) -> None:
@@ -727,18 +717,28 @@ class FleetCloud:
         _, ref = rnd.blobs[task.key]
         if msg["sha256"] != ref.sha256:
             raise p.ProtocolError("unknown blob", msg["sha256"][:16])
-        budget = self.opts.fetch_budget * ref.size
-        for i in wanted_chunks(msg["missing"], ref):
-            if (device, task.key, i) in self.queued:
+        for i in self._admit(device, task.key, msg["missing"], ref, self.queued, rnd.fetched,
+                             self.opts.fetch_budget * ref.size):
+            self.sending.append((device, task.key, i, rnd.number))
+
+    def _admit(self, device: str, key: Any, missing: list[int] | None, ref: p.BlobRef,
+               queued: set, fetched: Counter, budget: int) -> list[int]:
+        """The chunks of a fetch to queue: each once however often it is asked (repeats are
+        counted as duplicates), and within ``budget`` bytes per device (``fetched`` holds what
+        was sent; ProtocolError "fetch budget" past it). Marks them queued and spent."""
+        admitted = []
+        for i in wanted_chunks(missing, ref):
+            if (device, key, i) in queued:
                 self.duplicates["fetched chunk"] += 1
                 continue
             size = chunk_size(ref, i)
-            if rnd.fetched[device] + size > budget:
-                raise p.ProtocolError("fetch budget", f"{rnd.fetched[device]} bytes of a "
-                                      f"{ref.size}-byte blob already sent this round")
-            rnd.fetched[device] += size
-            self.queued.add((device, task.key, i))
-            self.sending.append((device, task.key, i, rnd.number))
+            if fetched[device] + size > budget:
+                raise p.ProtocolError("fetch budget", f"{fetched[device]} bytes already sent "
+                                      f"to {device} this round, at most {budget}")
+            fetched[device] += size
+            queued.add((device, key, i))
+            admitted.append(i)
+        return admitted
 
     def _clear_sending(self) -> None:
         self.sending.clear()

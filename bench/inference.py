@@ -43,9 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import tensorfile  # noqa: E402
+from common.cpu import cpu_name  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.training import TrainConfig, train_local  # noqa: E402
-from device.profile import cpu_name, thermal_state  # noqa: E402
+from device.profile import thermal_state  # noqa: E402
 from device.runtime import DeviceModel  # noqa: E402
 from export.data import ExportData, Samples, export_data, hapt_split  # noqa: E402
 from export.exporter import export_onnx, load_global_state  # noqa: E402

@@ -38,8 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.cpu import cpu_name  # noqa: E402
 from common.data import load_dataset  # noqa: E402
-from device.profile import cpu_name  # noqa: E402
 
 SIZES = (2502, 10008, 40032)
 MODES = {"exit": [], "cascade": ["--threshold", "0.9"]}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -113,6 +112,3 @@ def choose_precisions(model_dir: str | Path, *, threads: int | None = None,
     int8.close()
     return verdicts
 
-
-def as_dict(verdicts: list[ExitPrecision]) -> list[dict[str, Any]]:
-    return [v.__dict__.copy() for v in verdicts]

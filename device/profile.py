@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from common.cpu import cpu_name, int8_isa
 from device.runtime import DeviceModel, Manifest, ManifestError
 
 STATS = ("median_ms", "p95_ms", "p99_ms", "mean_ms")
@@ -37,16 +38,6 @@ def _read(path: str | Path) -> str | None:
         return Path(path).read_text().strip().rstrip("\x00")
     except OSError:
         return None
-
-
-def cpu_name() -> str:
-    """The CPU (x86: its model name; Raspberry Pi / Jetson: the board's model)."""
-    info = _read("/proc/cpuinfo") or ""
-    for key in ("model name", "Model", "Hardware"):
-        for line in info.splitlines():
-            if line.split(":")[0].strip() == key:
-                return line.split(":", 1)[1].strip()
-    return _read("/proc/device-tree/model") or platform.processor() or platform.machine()
 
 
 def temperatures() -> dict[str, float]:
@@ -105,7 +96,8 @@ def thermal_state() -> dict[str, Any]:
 
 
 def system_info() -> dict[str, Any]:
-    return {"cpu": cpu_name(), "machine": platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "int8_isa": int8_isa(), "machine": platform.machine(),
+            "cores": os.cpu_count(),
             "os": platform.platform(), "python": platform.python_version(),
             "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
             "numpy": np.__version__}

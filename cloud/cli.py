@@ -12,6 +12,7 @@ import click
 from cloud.config import GENERATE, PRESETS, UNTRAINED
 from cloud.federation import TIER_BY
 from cloud.options import (
+    distill_options,
     hypernet_switches,
     resolve_flags,
     robust_options,
@@ -75,6 +76,7 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @setting("untrained", "What a shallow client adds for a deep tensor it neither trained nor got "
          "generated: nothing, or the global model's value (the authors' release).",
          type=click.Choice(list(UNTRAINED)))
+@distill_options
 @setting("rounds", "Rounds.", type=int)
 @setting("clients", "Clients in the federation.", type=int)
 @setting("participants", "Participants per round.", type=int)

@@ -14,7 +14,9 @@ from typing import Any
 import tomllib
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")  # cloud/aggregation.py accumulator
-GENERATE = ("convs", "convs+bn", "all")  # what HypeMeFed's hypernetworks may generate
+# what HypeMeFed's hypernetworks generate; "distill": nothing, the deep exits learn from the
+# participants' predictions on proxy data instead (cloud/distillation.py)
+GENERATE = ("convs", "convs+bn", "all", "distill")
 # what a shallow client adds to HypeMeFed's average for a deep tensor it neither trained nor got
 # generated: nothing ("skip": averaged over those that have it), or the global model's value
 UNTRAINED = ("skip", "global")
@@ -37,6 +39,17 @@ class RunConfig:
     hypernet_residual: bool = False  # map deviations from the global model, not weights
     generate: str = "convs"  # what the hypernetworks generate: convs, convs+bn or all
     untrained: str = "skip"  # see UNTRAINED
+    # server-side ensemble distillation (cloud/distillation.py), for any strategy; on with
+    # generate="distill" too
+    distill: bool = False
+    distill_steps: int = 200
+    distill_lr: float = 1e-3
+    distill_batch: int = 128
+    distill_temperature: float = 1.0
+    distill_from: int = 2  # the first block fine-tuned (1: all; 2: exit 1 left as aggregated)
+    proxy: str | None = None  # npz of unlabelled inputs; None: the shipped one (hapt only)
+    proxy_size: int = 0  # 0: all of the proxy file
+    local_distill: bool = False  # clients add DepthFL's self-distillation between their exits
     rounds: int = 15
     clients: int = 30
     participants: int = 6
@@ -80,8 +93,14 @@ class RunConfig:
         if not 0 <= self.clip_factor < float("inf") or self.clip_window < 1:
             raise ValueError("clip_factor must be finite and >= 0 (0: no clipping) and "
                              f"clip_window >= 1, got {self.clip_factor}, {self.clip_window}")
+        if self.proxy_size < 0:
+            raise ValueError(f"proxy_size must be >= 0 (0: all), got {self.proxy_size}")
         if self.participants > self.clients:
             raise ValueError(f"participants ({self.participants}) exceeds clients ({self.clients})")
+
+    @property
+    def distills(self) -> bool:
+        return self.distill or self.generate == "distill"
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

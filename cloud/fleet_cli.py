@@ -14,6 +14,7 @@ from cloud.config import GENERATE, PRESETS, UNTRAINED, RunConfig
 from cloud.federation import TIER_BY
 from cloud.options import (
     DEFAULTS,
+    distill_options,
     hypernet_switches,
     resolve_flags,
     robust_options,
@@ -66,6 +67,7 @@ def _run_options(f):
         setting("generate", "What the hypernetworks generate.", type=click.Choice(list(GENERATE))),
         setting("untrained", "What a shallow client adds for deep tensors neither trained nor "
                 "generated.", type=click.Choice(list(UNTRAINED))),
+        distill_options,
         setting("rounds", "Rounds.", type=int),
         setting("participants", "Participants per round.", type=int),
         setting("tier-mix", "Fractions of tiers 1,2,3 among participants."),

@@ -76,6 +76,36 @@ def robust_options(f: Any) -> Any:
     return f
 
 
+def distill_options(f: Any) -> Any:
+    """Server-side ensemble distillation (cloud/distillation.py), shared by both commands."""
+    for option in reversed([
+        click.option("--local-distill/--no-local-distill", default=None,
+                     help="Clients add DepthFL's self-distillation between the exits they hold "
+                     "to the joint loss (any strategy). [default: off]"),
+        click.option("--distill/--no-distill", default=None,
+                     help="After aggregation, fine-tune the global model's deep blocks towards "
+                     "the participants' deepest-exit predictions on unlabelled proxy data (any "
+                     "strategy; on with --generate distill). [default: off]"),
+        setting("distill-steps", "Distillation: Adam steps per round.",
+                type=click.IntRange(min=1)),
+        setting("distill-lr", "Distillation: Adam learning rate.",
+                type=click.FloatRange(0, None, min_open=True)),
+        setting("distill-batch", "Distillation: proxy inputs per step.",
+                type=click.IntRange(min=1)),
+        setting("distill-temperature", "Distillation: softmax temperature.",
+                type=click.FloatRange(0, None, min_open=True)),
+        setting("distill-from", "Distillation: first block fine-tuned (1: all; 2 leaves exit 1 as "
+                "aggregated).", type=click.IntRange(1, 3)),
+        setting("proxy", "Distillation: npz with an array 'x' of unlabelled inputs no client "
+                "trains on (hapt: the shipped unlabelled windows if omitted; "
+                "scripts/make_proxy.py).", type=click.Path(exists=True, dir_okay=False)),
+        setting("proxy-size", "Distillation: use a seeded subset of this many proxy inputs "
+                "(0: all).", type=click.IntRange(min=0)),
+    ]):
+        f = option(f)
+    return f
+
+
 def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, Any],
                   extra: dict[str, Any] | None = None,
                   defaults: dict[str, Any] | None = None) -> RunConfig:

@@ -39,6 +39,7 @@ from cloud.aggregation import server_step
 from cloud.calibration import BnStatsSum
 from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from cloud.config import RunConfig
+from cloud.distillation import Distiller
 from cloud.federation import seed_of
 from cloud.fleet import Fleet, select
 from cloud.robust import RoundGuard, ServerGuard, non_finite, screen, server_snapshot
@@ -153,6 +154,7 @@ class FleetCloud:
                              "fleet file (\"samples\", as hmf-cloud partition writes it): a "
                              "device's own claim is not a weight the cloud can trust")
         self.strategy: Strategy = strategy_for(cfg)  # seeded: same hypernetworks as hmf simulate
+        self.distiller = Distiller.for_run(cfg)
         self.guard = ServerGuard(cfg.clip_factor, cfg.clip_window,
                                  SPECS[cfg.model].num_classes)
         self.eval = _load_eval(opts.eval_data) if opts.eval_data else None
@@ -311,7 +313,9 @@ class FleetCloud:
         order = [t.client for t in tasks]
         deadline = time.time() + self.opts.round_timeout
         guard = self.guard.round(state)
-        rnd = Round(r, deadline, {}, {}, StreamingAggregate(self.strategy, state, order, guard),
+        ensemble = self.distiller.ensemble(order) if self.distiller is not None else None
+        rnd = Round(r, deadline, {}, {}, StreamingAggregate(self.strategy, state, order, guard,
+                                                            ensemble),
                     guard)
         specs: dict[tuple[int, float], p.TensorSpec] = {}
         for t in tasks:
@@ -360,6 +364,10 @@ class FleetCloud:
         snapshot = server_snapshot(self.strategy)
         new_state, metrics = rnd.aggregate.finish(rnd.number)
         new_state = server_step(state, new_state, self.strategy.server_lr)
+        ensemble = rnd.aggregate.ensemble
+        if ensemble is not None and self.distiller is not None and not non_finite(new_state):
+            new_state, distilled = self.distiller.apply(new_state, ensemble, rnd.number)
+            metrics.update(distilled)
         server_s = time.perf_counter() - server_start
         if self.strategy.static_bn and not non_finite(new_state):  # never send a broken model
             new_state, metrics["calibration"] = self._calibrate(rnd, new_state)

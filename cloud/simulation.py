@@ -14,6 +14,7 @@ import torch
 from cloud.aggregation import server_step
 from cloud.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from cloud.config import RunConfig
+from cloud.distillation import Distiller
 from cloud.evaluation import evaluate
 from cloud.federation import Federation, seed_of
 from cloud.robust import ServerGuard, non_finite, screen, server_snapshot
@@ -23,6 +24,8 @@ from common.calibration import batches
 from common.data import load_dataset
 from common.models import SPECS, State, build_model
 from common.training import TrainConfig, train_task
+
+PROBE = 512  # evaluation inputs the distillation teacher is scored on (a diagnostic)
 
 
 def state_bytes(state: State) -> int:
@@ -38,6 +41,7 @@ def strategy_for(cfg: RunConfig) -> Strategy:
                           gate=cfg.hypernet_gate, residual=cfg.hypernet_residual,
                           generate=cfg.generate, untrained=cfg.untrained, seed=cfg.seed,
                           server_lr=cfg.server_lr, aggregation=cfg.aggregation, trim=cfg.trim,
+                          local_distill=cfg.local_distill,
                           device=cfg.device, **extra)
 
 
@@ -64,6 +68,7 @@ class Simulation:
         self.x_dev, self.y_dev = self.x.to(self.device), self.y.to(self.device)
         self.guard = ServerGuard(cfg.clip_factor, cfg.clip_window,
                                  SPECS[cfg.model].num_classes)
+        self.distiller = Distiller.for_run(cfg)
 
     def train_client(self, global_state: State, task: ClientTask, server_round: int
                      ) -> ClientUpdate:
@@ -95,9 +100,13 @@ class Simulation:
         trained = len(updates)
         guard, (updates, rejected) = self.guard.round(global_state), screened(updates)
         updates = guard.apply(updates)
+        evaluated = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
         snapshot = server_snapshot(self.strategy)
         new_state, server_metrics = self.strategy.aggregate(global_state, updates, server_round)
         new_state = server_step(global_state, new_state, self.strategy.server_lr)
+        if self.distiller is not None and not non_finite(new_state):
+            new_state, distilled = self.distill(new_state, updates, server_round, evaluated)
+            server_metrics.update(distilled)
         if not non_finite(new_state):  # never calibrate (or commit) a broken model
             new_state = self.strategy.calibrate(new_state, self.participant_batches(tasks))
         server_s = time.perf_counter() - server_start
@@ -113,7 +122,6 @@ class Simulation:
         }
         if not trained:
             row["note"] = "no participant could train this strategy's model: global unchanged"
-        evaluated = server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
         acc = self._evaluate(new_state) if evaluated and not non_finite(new_state) else None
         kept, why = self.guard.settle(guard, self.strategy, snapshot, global_state, new_state,
                                       acc["global"] if acc else None)
@@ -126,6 +134,29 @@ class Simulation:
             row["acc"] = acc
         row["elapsed_s"] = time.perf_counter() - start
         return kept, row
+
+    def distill(self, state: State, updates: list[ClientUpdate], server_round: int,
+                evaluated: bool) -> tuple[State, dict[str, Any]]:
+        """The server's distillation step; on evaluated rounds the teacher is also scored on
+        the evaluation data (what the weak devices' exits know)."""
+        assert self.distiller is not None
+        probe = self._evaluation_set() if evaluated else None
+        ensemble = self.distiller.ensemble([u.task.client for u in updates], probe)
+        for u in updates:
+            ensemble.add(u, self.strategy.weight(u))
+        return self.distiller.apply(state, ensemble, server_round)
+
+    def _evaluation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded sample of ``PROBE`` inputs of what ``evaluate`` scores global accuracy on:
+        the official test split, or the union of the clients' local test splits."""
+        if self.test is not None:
+            x, y = self.test
+        else:
+            local = torch.from_numpy(np.concatenate(self.fed.test))
+            x, y = self.x[local], self.y[local]
+        rng = np.random.default_rng(seed_of(self.cfg.seed, 8))
+        keep = torch.from_numpy(np.sort(rng.permutation(len(y))[:PROBE]))
+        return x[keep], y[keep]
 
     def _evaluate(self, state: State) -> dict[str, Any]:
         return evaluate(self.cfg.model, state, self.x, self.y, self.fed,

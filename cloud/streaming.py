@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cloud.distillation import TeacherEnsemble
 from cloud.robust import RoundGuard
 from cloud.strategies.base import ClientUpdate, Strategy
 from cloud.strategies.hypemefed import HypeMeFed
@@ -26,13 +27,15 @@ from common.models import State
 
 class StreamingAggregate:
     def __init__(self, strategy: Strategy, global_state: State, order: list[int],
-                 guard: RoundGuard | None = None) -> None:
+                 guard: RoundGuard | None = None,
+                 ensemble: TeacherEnsemble | None = None) -> None:
         """``order``: the clients of the round's tasks in task order; the hypernetworks see
         their training pairs in this order whatever the order of arrival, as in the simulator.
         ``guard``: the round's clipping (cloud/robust.py); an update it holds (no bound yet for
-        one of its tensors) is folded in when the round closes."""
+        one of its tensors) is folded in when the round closes. ``ensemble``: the round's
+        distillation teacher (cloud/distillation.py), which sees every update folded in."""
         self.strategy, self.global_state, self.order = strategy, global_state, order
-        self.guard = guard
+        self.guard, self.ensemble = guard, ensemble
         self.acc = strategy.accumulator(global_state)
         self.hyper = isinstance(strategy, HypeMeFed)
         self.custom = not self.hyper and type(strategy).aggregate is not Strategy.aggregate
@@ -48,6 +51,8 @@ class StreamingAggregate:
             self._fold(ready)
 
     def _fold(self, update: ClientUpdate) -> None:
+        if self.ensemble is not None:
+            self.ensemble.add(update, self.strategy.weight(update))
         if self.custom:
             self.full.append(update)
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ class Strategy:
     server_lr: float = 1.0  # the global model moves this fraction of the way to the aggregate
     aggregation: str = "mean"  # or "median", "trimmed-mean" (cloud/aggregation.py)
     trim: float = 0.1  # trimmed-mean: share of each coordinate's values dropped at each end
+    local_distill: bool = False  # clients add DepthFL's self-distillation between their exits
     name: str = field(default="base", init=False)
 
     def tasks(self, participants: list[tuple[int, int]]) -> list[ClientTask]:
@@ -56,8 +57,9 @@ class Strategy:
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         """The local training this strategy asks of every client, from the run's settings
-        ``base`` (epochs, batch, lr); by default plain joint cross-entropy, unchanged."""
-        return base
+        ``base`` (epochs, batch, lr); by default the joint cross-entropy, or with
+        ``local_distill`` DepthFL's mutual self-distillation between the exits (its defaults)."""
+        return replace(base, distill="mutual") if self.local_distill else base
 
     def weight(self, update: ClientUpdate) -> float:
         return float(update.num_samples) if self.weighting == "samples" else 1.0

@@ -102,6 +102,8 @@ def mappings(generate: str = "convs") -> list[Mapping]:
     if generate not in GENERATE:
         raise ValueError(f"unknown generate setting {generate!r}; choose one of "
                          f"{', '.join(GENERATE)}")
+    if generate == "distill":  # no hypernetworks: cloud/distillation.py fills the deep exits
+        return []
     steps = range(1, NUM_BLOCKS)
     out = [Mapping(t, "conv", (s,), (t,)) for s, t in transitions()]
     if generate != "convs":

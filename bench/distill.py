@@ -1,0 +1,253 @@
+"""Issue 20's protocol: server-side ensemble distillation (cloud/distillation.py) against the
+strongest configurations we ship, tuned on one seed and setting, then judged on fresh seeds.
+
+    .venv/bin/python bench/distill.py tune  --jobs 2    # the grid, hapt-dir1.0 seed 0
+    .venv/bin/python bench/distill.py fresh --jobs 2    # frozen config + 6 baselines, seeds 3-5
+    .venv/bin/python bench/distill.py proxy --jobs 2    # how much proxy data: a curve
+    .venv/bin/python bench/distill.py report            # JSON, tables, RESULTS sections
+
+Every run is an ordinary ``hmf simulate`` run directory under runs/distill/<scale>/ (the
+settings and scales of bench/accuracy.py), so an interrupted command resumes where it stopped
+(``--only`` picks runs by name, ``--deadline-s`` stops cleanly for the next session).
+
+The protocol (issue 20, part 2):
+- ``tune``: every distillation hyperparameter is chosen on TUNING_SETTING at TUNING_SEED only
+  (seed 0 of the earlier benchmark; the fresh seeds are never looked at while tuning), as the
+  change in final global accuracy against ``hypemefed-gate-global-sbn`` on the same seed.
+- FROZEN holds the choice; it is then not changed.
+- ``fresh``: FROZEN and the six configurations it faces on seeds 3, 4 and 5 in the five
+  untiered settings; ``report`` gives paired gaps (same seed, same participants) with their
+  spread, and the issue's bar: at least 2 points above ``hypemefed-gate-global-sbn`` at exits
+  2 and 3 in at least 3 of the 5 settings, at no loss at exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy as acc  # noqa: E402  (bench/accuracy.py: settings, scales, launching, summaries)
+
+ROOT = acc.ROOT
+TUNING_SETTING, TUNING_SEED = "hapt-dir1.0", 0
+FRESH_SEEDS = (3, 4, 5)
+FRESH_SETTINGS = ("hapt-subject", "hapt-dir1.0", "hapt-dir0.1", "cifar10-dir1.0",
+                  "cifar10-dir0.1")
+# what wins today (docs/RESULTS.md): the release's stale averaging with static BN, nothing
+# generated; distillation is added on top of it
+BASE = dict(untrained="global", static_bn=True)
+REFERENCE = ("hypemefed", "gate-global-sbn", dict(acc.GATE_GLOBAL_SBN))
+BASELINES = (
+    REFERENCE,
+    ("depthwise", "sbn", dict(acc.STATIC_BN)),
+    ("depthfl", "sbn", dict(acc.STATIC_BN)),
+    ("fedavg", "slr-sbn", dict(acc.SERVER_LR_SBN)),
+    ("scalefl", "", {}),
+    ("heterofl", "", {}),
+)
+# the grid, on the tuning seed and setting only (each: overrides of the distillation settings)
+TUNING: dict[str, dict[str, Any]] = {
+    "distill": {},
+    "distill-steps200": dict(distill_steps=200),
+    "distill-lr3e-4": dict(distill_lr=3e-4),
+    "distill-t3": dict(distill_temperature=3.0),
+    "distill-from1": dict(distill_from=1),
+    "distill-depthfl": dict(local_distill=True),
+}
+DISTILL = dict(BASE, generate="distill", distill_steps=50, distill_batch=64, proxy_size=1024)
+FROZEN: tuple[str, dict[str, Any]] | None = None  # (name, overrides), set after ``tune``
+PROXY_SIZES = (64, 256, 1024, 3641)  # 3641: every shipped HAPT proxy window
+
+
+def tuning_runs() -> list[acc.Run]:
+    runs = [acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, REFERENCE[1], REFERENCE[2])]
+    return runs + [acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, name, {**DISTILL, **o})
+                   for name, o in TUNING.items()]
+
+
+def frozen() -> tuple[str, dict[str, Any]]:
+    if FROZEN is None:
+        sys.exit("FROZEN is not set: run `tune`, choose, and write the choice into FROZEN")
+    return FROZEN[0], {**DISTILL, **FROZEN[1]}
+
+
+def fresh_runs() -> list[acc.Run]:
+    name, overrides = frozen()
+    return [acc.Run(setting, strategy, seed, variant, o)
+            for seed in FRESH_SEEDS for setting in FRESH_SETTINGS
+            for strategy, variant, o in (("hypemefed", name, overrides), *BASELINES)]
+
+
+def proxy_runs() -> list[acc.Run]:
+    name, overrides = frozen()
+    return [acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, f"{name}-proxy{n}",
+                    {**overrides, "proxy_size": n}) for n in PROXY_SIZES]
+
+
+def run(runs: list[acc.Run], args: argparse.Namespace) -> None:
+    """Like bench/accuracy.py's run: ``jobs`` at a time, each resuming its checkpoint."""
+    work = Path(args.runs) / args.scale
+    cifar = acc.cifar_dir(args.scale, args.cifar_dir, work)
+    wanted = args.only.split(",") if args.only else None
+    todo = []
+    for r in runs:
+        cfg = acc.run_config(r, args.scale, "cpu", cifar)
+        if (wanted is None or any(w in r.name for w in wanted)) and not acc.finished(
+                work / r.name, cfg["rounds"]):
+            todo.append((r, cfg))
+    print(f"{len(todo)} runs to do, {args.jobs} at a time", flush=True)
+    start, active, done = time.time(), {}, 0
+    while todo or active:
+        while todo and len(active) < args.jobs:
+            r, cfg = todo.pop(0)
+            active[r] = (acc.launch(r, cfg, work / r.name, 1), time.time())
+        time.sleep(2)
+        for r, (proc, began) in list(active.items()):
+            if proc.poll() is not None:
+                del active[r]
+                done += 1
+                status = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}"
+                print(f"[{done}] {r.name} {status} in {time.time() - began:.0f} s: "
+                      f"{acc.last_line(work / r.name)}", flush=True)
+        if args.deadline_s and time.time() - start > args.deadline_s:
+            for r, (proc, _) in active.items():
+                proc.kill()
+                print(f"deadline: stopped {r.name} (it resumes next time)", flush=True)
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def summaries(work: Path) -> dict[str, dict[str, Any]]:
+    from cloud.runlog import read_metrics
+
+    out = {}
+    for metrics in sorted(work.glob("*/*/s*/metrics.jsonl")):
+        rows = read_metrics(metrics.parent)
+        cfg = json.loads((metrics.parent / "config.json").read_text())
+        s = acc.run_summary(rows, cfg["rounds"])
+        s["teacher_acc"] = [r.get("teacher_acc") for r in rows if r.get("teacher_acc")]
+        s["distill_kl"] = [r.get("distill_kl") for r in rows if r.get("distill_kl")]
+        s["distill_s"] = _mean([r.get("distill_s") for r in rows])
+        out[str(metrics.parent.relative_to(work))] = s
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def complete(s: dict[str, Any] | None) -> bool:
+    return s is not None and s["rounds_done"] >= s["rounds_planned"]
+
+
+def gaps(runs: dict[str, dict[str, Any]], setting: str, a: str, b: str,
+         seeds: tuple[int, ...]) -> dict[str, Any]:
+    """Paired differences (points) of configuration ``a`` minus ``b`` at each exit, over the
+    seeds where both finished: mean, std and n."""
+    out: dict[str, Any] = {}
+    for e in ("1", "2", "3"):
+        d = [100 * (runs[f"{setting}/{a}/s{s}"]["final_global"][e]
+                    - runs[f"{setting}/{b}/s{s}"]["final_global"][e])
+             for s in seeds if complete(runs.get(f"{setting}/{a}/s{s}"))
+             and complete(runs.get(f"{setting}/{b}/s{s}"))]
+        out[e] = acc.mean_std(d)
+    return out
+
+
+def tuning_table(runs: dict[str, dict[str, Any]]) -> str:
+    ref = f"hypemefed-{REFERENCE[1]}"
+    lines = ["| run | exit 1 | exit 2 | exit 3 | vs reference (exit 1/2/3) | teacher acc | "
+             "distill s/round |", "|---|---|---|---|---|---|---|"]
+    for r in tuning_runs():
+        s = runs.get(f"{TUNING_SETTING}/{r.strategy}-{r.variant}/s{TUNING_SEED}")
+        if not complete(s):
+            continue
+        g = gaps(runs, TUNING_SETTING, f"{r.strategy}-{r.variant}", ref, (TUNING_SEED,))
+        fg = s["final_global"]
+        teach = s["teacher_acc"][-1]["all"] if s["teacher_acc"] else None
+        cost = s["distill_s"]
+        lines.append(f"| {r.variant} | " + " | ".join(f"{100 * fg[e]:.1f}" for e in "123")
+                     + " | " + "/".join(f"{g[e]['mean']:+.1f}" for e in "123")
+                     + " | " + ("" if teach is None else f"{100 * teach:.1f}")
+                     + " | " + ("" if cost is None else f"{cost:.1f}") + " |")
+    return "\n".join(lines)
+
+
+def fresh_table(runs: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    name, _ = frozen()
+    ours = f"hypemefed-{name}"
+    lines = ["| setting | against | exit 1 | exit 2 | exit 3 | seeds |",
+             "|---|---|---|---|---|---|"]
+    rows = []
+    for setting in FRESH_SETTINGS:
+        for strategy, variant, _ in BASELINES:
+            other = f"{strategy}-{variant}" if variant else strategy
+            g = gaps(runs, setting, ours, other, FRESH_SEEDS)
+            if g["3"] is None:
+                continue
+            rows.append({"setting": setting, "against": other, "gap": g})
+            lines.append(f"| {setting} | {other} | " + " | ".join(
+                f"{g[e]['mean']:+.1f} ± {g[e]['std']:.1f}" for e in "123") + f" | {g['3']['n']} |")
+    return "\n".join(lines), rows
+
+
+def bar(rows: list[dict[str, Any]]) -> str:
+    ref = f"hypemefed-{REFERENCE[1]}"
+    met = [r["setting"] for r in rows if r["against"] == ref
+           and r["gap"]["2"]["mean"] >= 2 and r["gap"]["3"]["mean"] >= 2
+           and r["gap"]["1"]["mean"] >= 0]
+    judged = sum(r["against"] == ref for r in rows)
+    verdict = "met" if len(met) >= 3 else "not met"
+    return (f"bar ({ref}, +2 points at exits 2 and 3, no loss at exit 1, in 3 of 5 settings): "
+            f"{verdict}: {len(met)} of {judged} settings judged ({', '.join(met) or 'none'})")
+
+
+def report(args: argparse.Namespace) -> None:
+    work = Path(args.runs) / args.scale
+    runs = summaries(work)
+    result: dict[str, Any] = {"scale": args.scale, "runs": runs,
+                              "tuning": {"setting": TUNING_SETTING, "seed": TUNING_SEED,
+                                         "grid": TUNING, "base": DISTILL},
+                              "frozen": FROZEN}
+    print("## tuning\n" + tuning_table(runs))
+    if FROZEN is not None:
+        table, rows = fresh_table(runs)
+        result["fresh"], result["bar"] = rows, bar(rows)
+        print("\n## fresh seeds\n" + table + "\n\n" + result["bar"])
+    path = ROOT / "bench" / "results" / f"distill_{args.scale}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd in ("tune", "fresh", "proxy", "report"):
+        c = sub.add_parser(cmd)
+        c.add_argument("--scale", choices=acc.SCALES, default="cpu")
+        c.add_argument("--runs", default=str(ROOT / "runs" / "distill"))
+        if cmd != "report":
+            c.add_argument("--jobs", type=int, default=2)
+            c.add_argument("--only")
+            c.add_argument("--cifar-dir")
+            c.add_argument("--deadline-s", type=float)
+    args = p.parse_args()
+    if args.cmd == "report":
+        report(args)
+    else:
+        run({"tune": tuning_runs, "fresh": fresh_runs, "proxy": proxy_runs}[args.cmd](), args)
+
+
+if __name__ == "__main__":
+    main()

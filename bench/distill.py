@@ -60,10 +60,12 @@ TUNING: dict[str, dict[str, Any]] = {
     "distill-t3": dict(distill_temperature=3.0),
     "distill-from1": dict(distill_from=1),
     "distill-depthfl": dict(local_distill=True),
+    "distill-proxy256": dict(proxy_size=256),
 }
 DISTILL = dict(BASE, generate="distill", distill_steps=50, distill_batch=64, proxy_size=1024)
 FROZEN: tuple[str, dict[str, Any]] | None = None  # (name, overrides), set after ``tune``
 PROXY_SIZES = (64, 256, 1024, 3641)  # 3641: every shipped HAPT proxy window
+NOISE_PROXY = ROOT / "runs" / "proxy" / "hapt_noise_proxy.npz"  # scripts/make_proxy.py hapt-noise
 
 
 def tuning_runs() -> list[acc.Run]:
@@ -86,9 +88,18 @@ def fresh_runs() -> list[acc.Run]:
 
 
 def proxy_runs() -> list[acc.Run]:
+    """How much proxy data is needed, and what a deployment without any can use: Gaussian
+    windows with the clients' per-axis statistics, or self-distillation on the devices alone."""
     name, overrides = frozen()
-    return [acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, f"{name}-proxy{n}",
+    if not NOISE_PROXY.is_file():
+        sys.exit(f"{NOISE_PROXY} missing: python scripts/make_proxy.py hapt-noise")
+    runs = [acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, f"{name}-proxy{n}",
                     {**overrides, "proxy_size": n}) for n in PROXY_SIZES]
+    runs.append(acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, f"{name}-noise",
+                        {**overrides, "proxy": str(NOISE_PROXY), "proxy_size": 0}))
+    runs.append(acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, "gate-global-sbn-local",
+                        {**REFERENCE[2], "local_distill": True}))
+    return runs
 
 
 def run(runs: list[acc.Run], args: argparse.Namespace) -> None:

@@ -12,6 +12,10 @@ with any client's or the evaluation's data. They are the same 30 people on other
 same recordings, and the stretches are harder than the labelled ones (people move between
 activities): what a deployment collecting raw, unlabelled sensor data would have.
 
+hapt-noise: what a deployment without any proxy data can still make: Gaussian windows with the
+per-axis mean and standard deviation of the clients' windows (statistics a fleet already
+shares: the first BatchNorm layer's, under static BN), independent per sample.
+
 cifar10: official training images the cpu-scale subset (``cifar10_small_uint8.npz``: the first
 1,000 of each class in file order) does not contain: the last ``--per-class`` of each class,
 from ``cifar10_jpeg.npz``. The full scale gives clients all 50,000 training images, so this
@@ -56,6 +60,15 @@ def hapt_proxy(raw: Path) -> dict[str, np.ndarray]:
                 exp_id=np.array(exp, np.int8), start=np.array(start, np.int32))
 
 
+def hapt_noise_proxy(windows: Path, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    with np.load(windows) as f:
+        x = f["x"]
+    mean, std = x.mean(axis=(0, 2)), x.std(axis=(0, 2))
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((count, 3, WINDOW)) * std[:, None] + mean[:, None]
+    return dict(x=noise.astype(np.float32), mean=mean, std=std)
+
+
 def cifar10_proxy(jpeg: Path, per_class: int) -> dict[str, np.ndarray]:
     from PIL import Image
 
@@ -72,14 +85,19 @@ def cifar10_proxy(jpeg: Path, per_class: int) -> dict[str, np.ndarray]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("dataset", choices=("hapt", "cifar10"))
+    p.add_argument("dataset", choices=("hapt", "hapt-noise", "cifar10"))
     p.add_argument("--source", type=Path, help="the raw file (default: ../shared/data/...)")
     p.add_argument("--per-class", type=int, default=500, help="cifar10: images per class")
+    p.add_argument("--count", type=int, default=1024, help="hapt-noise: windows")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     if a.dataset == "hapt":
         arrays = hapt_proxy(a.source or SHARED / "hapt" / "hapt_raw_streams.npz")
         out = a.out or ROOT / "common" / "assets" / "hapt" / "hapt_proxy_windows.npz"
+    elif a.dataset == "hapt-noise":
+        arrays = hapt_noise_proxy(ROOT / "common" / "assets" / "hapt" / "hapt_windows_acc151.npz",
+                                  a.count)
+        out = a.out or ROOT / "runs" / "proxy" / "hapt_noise_proxy.npz"
     else:
         arrays = cifar10_proxy(a.source or SHARED / "cifar10" / "cifar10_jpeg.npz", a.per_class)
         out = a.out or ROOT / "runs" / "proxy" / "cifar10_proxy.npz"

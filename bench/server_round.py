@@ -14,6 +14,23 @@ random perturbation. Two paths, both the project's own code:
   (then ``calibrate``, a no-op for these strategies). The list is held by design, so memory grows
   by one whole update per participant here.
 
+``--strategies distill`` adds HypeMeFed's server-side ensemble distillation
+(``cloud/distillation.py``), what ``hmf simulate --generate distill --untrained global`` runs:
+HypeMeFed with ``generate="distill"`` (no hypernetworks) and ``untrained="global"``, plus a
+``Distiller`` whose ``TeacherEnsemble`` sees every update (on ``stream`` inside
+``StreamingAggregate.add``, as the MQTT cloud; on ``sim`` after ``aggregate``, as
+``Simulation.distill``): one forward pass of the participant's own submodel over the proxy, its
+deepest exit kept. After aggregation ``Distiller.apply`` fine-tunes the deep blocks and heads.
+Rows report ``teacher_s`` (the ensemble's adds, summed over the round's updates) and
+``finetune_s`` (``Distiller.apply``: frozen features once, then the steps) apart; ``server_s``
+holds both plus the aggregation. Each ``--distill`` token ``PROXY:STEPS[:SIZES]`` is one
+setting (``--distill-batch`` for all; ``SIZES`` limits its participants, else
+``--distill-sizes``). hapt uses its shipped proxy (``load_proxy("hapt", size=PROXY)``); a model
+without one (svhn, unimib, stl10) uses standard-normal inputs of its input shape, as the cost
+does not depend on the values (``proxy_source`` says which). A round at 100 participants and
+proxy 1024 runs 100 forward passes of 1,024 windows: minutes, so one round per configuration
+fits the default ``--budget-s``.
+
 Timings are the median of up to ``--repeat`` consecutive rounds (fewer once a configuration has
 run ``--budget-s``). Peak memory is the child's VmHWM minus its RSS once the model, the strategy
 and the noise are built (the high-water mark is reset there through /proc/self/clear_refs).
@@ -26,6 +43,18 @@ own series, so ``--update`` can add runs of other code or hosts to one file.
     OMP_NUM_THREADS=1 .venv/bin/python bench/server_round.py --models unimib \
         --strategies hypemefed --paths stream --sizes 1000 --hypemefed-sizes 1000 --repeat 1 \
         --json bench/results/server_round.json --update     # 6 min, peak about 12 GB
+    # distillation, the issue-20 grid (hapt: shipped proxy; svhn, unimib: random proxy inputs);
+    # add 1000 to --distill-sizes only with time to spare (about 10x the 100 row's teacher)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/server_round.py --models hapt,svhn,unimib \
+        --strategies distill --paths stream --distill "256:50 1024:50 1024:200:10" \
+        --distill-batch 64 --distill-sizes 10,100 --repeat 3 --budget-s 300 \
+        --json bench/results/server_round.json --update
+    # the hypernetworks' cost on the same model, to set beside it
+    OMP_NUM_THREADS=1 .venv/bin/python bench/server_round.py --models hapt \
+        --strategies hypemefed --paths stream --sizes 10,100 --hypemefed-sizes 10,100 \
+        --json bench/results/server_round.json --update
+    OMP_NUM_THREADS=1 .venv/bin/python bench/server_round.py --models hapt \
+        --strategies distill --paths stream --distill 256:10:10 --repeat 1  # seconds
 """
 
 from __future__ import annotations
@@ -101,12 +130,40 @@ def state_bytes(state: dict[str, Any], names: set[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------- one round, two paths
+def timed_ensemble(distiller: Any, order: list[int]) -> tuple[Any, list[float]]:
+    """The round's ``TeacherEnsemble``, its ``add`` timed into the returned one-item list."""
+    ensemble, clock = distiller.ensemble(order), [0.0]
+    add = ensemble.add
+
+    def timed_add(update: Any, weight: float) -> None:
+        start = time.perf_counter()
+        add(update, weight)
+        clock[0] += time.perf_counter() - start
+
+    ensemble.add = timed_add
+    return ensemble, clock
+
+
+def distill_step(distiller: Any, state: dict[str, Any], ensemble: Any, clock: list[float],
+                 server_round: int, metrics: dict[str, Any]) -> float:
+    """``Distiller.apply`` after aggregation; its seconds, and the teacher's, into ``metrics``."""
+    start = time.perf_counter()
+    _, distilled = distiller.apply(state, ensemble, server_round)
+    seconds = time.perf_counter() - start
+    metrics.update(distilled, teacher_s=clock[0], finetune_s=seconds)
+    return seconds
+
+
 def stream_round(strategy: Any, global_state: dict[str, Any], pool: dict[str, list[Any]],
-                 tasks: list[Any], server_round: int) -> tuple[float, dict[str, Any]]:
-    """The MQTT cloud's path: seconds of adds plus finish, and the strategy's metrics."""
+                 tasks: list[Any], server_round: int, distiller: Any = None
+                 ) -> tuple[float, dict[str, Any]]:
+    """The MQTT cloud's path: seconds of adds plus finish (plus the distillation step), and the
+    strategy's metrics."""
     from cloud.streaming import StreamingAggregate
 
-    agg = StreamingAggregate(strategy, global_state, [t.client for t in tasks])
+    order = [t.client for t in tasks]
+    ensemble, clock = timed_ensemble(distiller, order) if distiller else (None, [0.0])
+    agg = StreamingAggregate(strategy, global_state, order, ensemble=ensemble)
     seconds = 0.0
     for i, task in enumerate(tasks):
         update = synthetic_update(global_state, pool, task, i)
@@ -115,18 +172,47 @@ def stream_round(strategy: Any, global_state: dict[str, Any], pool: dict[str, li
         seconds += time.perf_counter() - start
         del update  # as the cloud drops the decoded upload
     start = time.perf_counter()
-    _, metrics = agg.finish(server_round)
-    return seconds + time.perf_counter() - start, metrics
+    state, metrics = agg.finish(server_round)
+    seconds += time.perf_counter() - start
+    if distiller is not None:
+        seconds += distill_step(distiller, state, ensemble, clock, server_round, metrics)
+    return seconds, metrics
 
 
 def sim_round(strategy: Any, global_state: dict[str, Any], pool: dict[str, list[Any]],
-              tasks: list[Any], server_round: int) -> tuple[float, dict[str, Any]]:
-    """The simulator's path: the whole list into ``aggregate``, then ``calibrate``."""
+              tasks: list[Any], server_round: int, distiller: Any = None
+              ) -> tuple[float, dict[str, Any]]:
+    """The simulator's path: the whole list into ``aggregate`` (then, distilling, the teacher's
+    adds and ``Distiller.apply``), then ``calibrate``."""
     updates = [synthetic_update(global_state, pool, t, i) for i, t in enumerate(tasks)]
     start = time.perf_counter()
     state, metrics = strategy.aggregate(global_state, updates, server_round)
+    if distiller is not None:
+        ensemble, clock = timed_ensemble(distiller, [u.task.client for u in updates])
+        for u in updates:
+            ensemble.add(u, strategy.weight(u))
+        distill_step(distiller, state, ensemble, clock, server_round, metrics)
     strategy.calibrate(state, iter(()))
     return time.perf_counter() - start, metrics
+
+
+def build_distiller(cfg: dict[str, Any]) -> tuple[Any, str]:
+    """``cfg["distill"]``'s ``Distiller`` and where its proxy came from: the shipped proxy of
+    the model, or (none ships) standard-normal inputs of its shape, seeded."""
+    import torch
+
+    from cloud.distillation import SHIPPED_PROXY, DistillConfig, Distiller, load_proxy
+    from common.models import SPECS
+
+    d, model = cfg["distill"], cfg["model"]
+    if model in SHIPPED_PROXY:
+        proxy, source = load_proxy(model, size=d["proxy"], seed=0), "shipped"
+    else:
+        gen = torch.Generator().manual_seed(0)
+        proxy = torch.randn((d["proxy"], *SPECS[model].input_shape), generator=gen)
+        source = "random"
+    settings = DistillConfig(steps=d["steps"], batch=d["batch"])
+    return Distiller(model, proxy, settings, seed=0, device=cfg["device"]), source
 
 
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +226,11 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     global_state = {k: v.clone() for k, v in build_model(cfg["model"]).state_dict().items()}
-    strategy = build_strategy(cfg["strategy"], cfg["model"], device=cfg["device"])
+    distiller, source, options = None, "", {}
+    if cfg.get("distill"):
+        distiller, source = build_distiller(cfg)
+        options = {"generate": "distill", "untrained": "global"}
+    strategy = build_strategy(cfg["strategy"], cfg["model"], device=cfg["device"], **options)
     tasks = strategy.tasks([(c, c % 3 + 1) for c in range(cfg["participants"])])
     pool = noise_pool(global_state)
     convs = {name for pair in transitions() for name in pair}
@@ -151,15 +241,25 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     resettable = reset_peak()
 
     seconds, hyper, metrics, began = [], [], {}, time.perf_counter()
+    teacher, finetune = [], []
     for r in range(1, cfg["repeat"] + 1):
-        s, metrics = one_round(strategy, global_state, pool, tasks, r)
+        s, metrics = one_round(strategy, global_state, pool, tasks, r, distiller)
         seconds.append(s)
         hyper.append(float(metrics.get("hypernet_s", 0.0)))
+        if distiller is not None:
+            teacher.append(metrics["teacher_s"])
+            finetune.append(metrics["finetune_s"])
         if time.perf_counter() - began >= cfg["budget_s"]:
             break
     peak_kib = _status_kib("VmHWM")
     n_updates = max(len(tasks), 1)
-    return {**cfg, "updates": len(tasks), "rounds_run": len(seconds),
+    extra: dict[str, Any] = {}
+    if distiller is not None:  # medians of each part (their sum need not be server_s's median)
+        extra = {"proxy_source": source, "proxy_size": len(distiller.proxy),
+                 "teacher_s": statistics.median(teacher), "teacher_s_runs": teacher,
+                 "finetune_s": statistics.median(finetune), "finetune_s_runs": finetune,
+                 "distill_kl": metrics.get("distill_kl")}
+    return {**cfg, **extra, "updates": len(tasks), "rounds_run": len(seconds),
             "server_s": statistics.median(seconds), "server_s_runs": seconds,
             "hypernet_s": statistics.median(hyper),
             "hypernet_pairs": metrics.get("hypernet_pairs", {}),
@@ -168,15 +268,18 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
             "update_bytes_mean": sum(update_bytes) / n_updates,
             "conv_bytes_mean": sum(conv_bytes) / n_updates,
             "wall_s": time.perf_counter() - began, "machine": machine(cfg["device"]),
-            "variant": variant(strategy),
+            "variant": variant(strategy, cfg.get("distill")),
             "loadavg_1min": os.getloadavg()[0]}  # the machine is shared: how busy it was
 
 
-def variant(strategy: Any) -> str:
-    """The hypernetwork settings a hypemefed row was measured with: rows of other settings (or
-    of earlier code) are another series."""
+def variant(strategy: Any, distill: dict[str, Any] | None = None) -> str:
+    """The hypernetwork (or distillation) settings a hypemefed row was measured with: rows of
+    other settings (or of earlier code) are another series."""
     if strategy.name != "hypemefed":
         return ""
+    if distill:
+        return (f"generate distill, untrained {strategy.untrained}, proxy {distill['proxy']}, "
+                f"steps {distill['steps']}, batch {distill['batch']}")
     parts = [strategy.hypernet, f"epochs {strategy.epochs}"]
     for name in ("sweeps", "ridge", "generate"):  # settings of the closed-form fit, if any
         if hasattr(strategy, name):
@@ -259,15 +362,19 @@ def analyse(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- reporting
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| machine | model | strategy | path | participants | updates | server s (median) "
-             "| hypernet s | rounds | peak growth MiB | conv MiB kept / participant |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| hypernet s | teacher s + fine-tune s | rounds | peak growth MiB "
+             "| conv MiB kept / participant |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (*series(r), r["participants"])):
         peak = "n/a" if r["peak_growth_mib"] is None else f"{r['peak_growth_mib']:.0f}"
         _, name, _, _ = series(r)
+        distilled = (f"{r['teacher_s']:.2f} + {r['finetune_s']:.2f}" if "teacher_s" in r
+                     else "")
         lines.append(f"| {r['machine']} | {r['model']} | {name} | {r['path']} | "
                      f"{r['participants']} | "
                      f"{r['updates']} | {r['server_s']:.3f} | {r['hypernet_s']:.2f} | "
-                     f"{r['rounds_run']} | {peak} | {r['conv_bytes_mean'] / 2**20:.2f} |")
+                     f"{distilled} | {r['rounds_run']} | {peak} | "
+                     f"{r['conv_bytes_mean'] / 2**20:.2f} |")
     return "\n".join(lines)
 
 
@@ -307,10 +414,30 @@ def sizes_for(spec: str, model: str) -> list[int]:
     return per_model.get(model, default)
 
 
+def distill_settings(args: argparse.Namespace) -> list[tuple[dict[str, int], list[int]]]:
+    """``--distill``'s ``PROXY:STEPS[:SIZES]`` tokens: each setting and its participants."""
+    out = []
+    for token in args.distill.split():
+        proxy, steps, *sizes = token.split(":")
+        spec = sizes[0] if sizes else args.distill_sizes
+        out.append(({"proxy": int(proxy), "steps": int(steps), "batch": args.distill_batch},
+                    [int(x) for x in spec.split(",") if x]))
+    return out
+
+
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs = []
     for model in args.models.split(","):
         for strategy in args.strategies.split(","):
+            if strategy == "distill":
+                sim = sizes_for(args.hypemefed_sim_sizes, model)
+                configs += [{"model": model, "strategy": "hypemefed", "path": path,
+                             "participants": n, "repeat": args.repeat,
+                             "budget_s": args.budget_s, "device": args.device, "distill": d}
+                            for d, sizes in distill_settings(args)
+                            for path in args.paths.split(",")
+                            for n in sizes if path == "stream" or n in sim]
+                continue
             sizes = [int(x) for x in args.sizes.split(",")]
             if strategy == "hypemefed":
                 sizes = [n for n in sizes if n in sizes_for(args.hypemefed_sizes, model)]
@@ -327,7 +454,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="svhn,unimib,stl10")
-    ap.add_argument("--strategies", default="fedavg,depthwise,hypemefed")
+    ap.add_argument("--strategies", default="fedavg,depthwise,hypemefed",
+                    help="also 'distill': hypemefed with the server-side ensemble distillation")
     ap.add_argument("--paths", default="stream,sim")
     ap.add_argument("--sizes", default="10,100,1000", help="participants per round")
     ap.add_argument("--hypemefed-sizes", default="10,100,1000 unimib:10,100 stl10:10,100",
@@ -343,6 +471,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=60.0,
                     help="stop repeating a configuration once its rounds took this long")
     ap.add_argument("--device", default="cpu", help="where hypemefed's hypernetworks train")
+    ap.add_argument("--distill", default="256:50 1024:50 1024:200:10",
+                    help="distill settings, 'PROXY:STEPS[:SIZES]' each (proxy inputs, "
+                         "fine-tuning steps, participants: else --distill-sizes)")
+    ap.add_argument("--distill-batch", type=int, default=64, help="distillation batch")
+    ap.add_argument("--distill-sizes", default="10,100",
+                    help="distill's participants; 1000 is opt-in (one teacher pass each)")
     ap.add_argument("--quick", action="store_true",
                     help="svhn, 10 and 100 participants, hypemefed at 10: under a minute")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -356,6 +490,7 @@ def main() -> None:
     if args.quick:
         args.models, args.sizes, args.hypemefed_sizes = "svhn", "10,100", "10"
         args.sim_sizes, args.hypemefed_sim_sizes, args.budget_s = "10", "10", 10.0
+        args.distill, args.distill_sizes = "256:10", "10"
 
     previous = None  # loaded once: the file is rewritten after every configuration
     if args.update and args.json and Path(args.json).exists():
@@ -368,6 +503,8 @@ def main() -> None:
         print(f"{row['model']:>7} {row['strategy']:>9} {row['path']:>6} "
               f"{row['participants']:>5} participants ({row['updates']:>4} updates): "
               f"{row['server_s']:8.3f} s (hypernet {row['hypernet_s']:7.2f} s, "
+              + (f"teacher {row['teacher_s']:.2f} s, fine-tune {row['finetune_s']:.2f} s, "
+                 if "teacher_s" in row else "") +
               f"{row['rounds_run']} rounds)  peak +{peak if peak is not None else float('nan'):.0f}"
               f" MiB", flush=True)
         if args.json:  # after every configuration: a long run cut short keeps what it measured

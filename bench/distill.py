@@ -14,6 +14,10 @@ The protocol (issue 20, part 2):
 - ``tune``: every distillation hyperparameter is chosen on TUNING_SETTING at TUNING_SEED only
   (seed 0 of the earlier benchmark; the fresh seeds are never looked at while tuning), as the
   change in final global accuracy against ``hypemefed-gate-global-sbn`` on the same seed.
+- The rule, written down before the last two tuning runs (depthfl, proxy256) had finished: the
+  run with the largest mean gain at exits 2 and 3 over the reference, among those within 2
+  points of it at exit 1 and whose distillation costs at most twice the base run's seconds a
+  round (steps200's 36 s against 11.6 s is out: the server step would outweigh local training).
 - FROZEN holds the choice; it is then not changed.
 - ``fresh``: FROZEN and the six configurations it faces on seeds 3, 4 and 5 in the five
   untiered settings; ``report`` gives paired gaps (same seed, same participants) with their
@@ -63,7 +67,9 @@ TUNING: dict[str, dict[str, Any]] = {
     "distill-proxy256": dict(proxy_size=256),
 }
 DISTILL = dict(BASE, generate="distill", distill_steps=50, distill_batch=64, proxy_size=1024)
-FROZEN: tuple[str, dict[str, Any]] | None = None  # (name, overrides), set after ``tune``
+# (name, overrides), chosen by the rule above from the tuning table (docs/RESULTS.md): the
+# largest mean gain at exits 2 and 3 (-1.7 and +30.1 points), -1.8 at exit 1
+FROZEN: tuple[str, dict[str, Any]] | None = ("distill-t3", dict(distill_temperature=3.0))
 PROXY_SIZES = (64, 256, 1024, 3641)  # 3641: every shipped HAPT proxy window
 NOISE_PROXY = ROOT / "runs" / "proxy" / "hapt_noise_proxy.npz"  # scripts/make_proxy.py hapt-noise
 
@@ -108,8 +114,11 @@ def run(runs: list[acc.Run], args: argparse.Namespace) -> None:
     cifar = acc.cifar_dir(args.scale, args.cifar_dir, work)
     wanted = args.only.split(",") if args.only else None
     todo = []
+    from cloud.config import RunConfig
+
     for r in runs:
-        cfg = acc.run_config(r, args.scale, "cpu", cifar)
+        # every setting pinned, so that a later change of a default cannot stop a resume
+        cfg = RunConfig(**acc.run_config(r, args.scale, "cpu", cifar)).to_json()
         if (wanted is None or any(w in r.name for w in wanted)) and not acc.finished(
                 work / r.name, cfg["rounds"]):
             todo.append((r, cfg))
@@ -195,6 +204,67 @@ def tuning_table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def proxy_table(runs: dict[str, dict[str, Any]]) -> str:
+    """The proxy curve and the no-proxy options, against the reference on the tuning seed."""
+    if FROZEN is None:
+        return ""
+    ref = f"hypemefed-{REFERENCE[1]}"
+    lines = ["| run | proxy | exit 1 | exit 2 | exit 3 | vs reference (exit 1/2/3) | "
+             "distill s/round |", "|---|---|---|---|---|---|---|"]
+    for r in proxy_runs():
+        s = runs.get(f"{TUNING_SETTING}/{r.strategy}-{r.variant}/s{TUNING_SEED}")
+        if not complete(s):
+            continue
+        g = gaps(runs, TUNING_SETTING, f"{r.strategy}-{r.variant}", ref, (TUNING_SEED,))
+        proxy = ("none" if "local" in r.variant else "Gaussian" if "noise" in r.variant
+                 else str(r.overrides["proxy_size"]))
+        cost = s["distill_s"]
+        lines.append(f"| {r.variant} | {proxy} | "
+                     + " | ".join(f"{100 * s['final_global'][e]:.1f}" for e in "123")
+                     + " | " + "/".join(f"{g[e]['mean']:+.1f}" for e in "123")
+                     + " | " + ("" if cost is None else f"{cost:.1f}") + " |")
+    return "\n".join(lines)
+
+
+def plot_tuning(runs: dict[str, dict[str, Any]], out: Path) -> Path | None:
+    """Exit 3 per round of the reference and every tuning run, and the teacher's accuracy
+    per tier for FROZEN (or the first distillation run) on the tuning seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {r.variant: runs.get(f"{TUNING_SETTING}/{r.strategy}-{r.variant}/s{TUNING_SEED}")
+             for r in tuning_runs()}
+    found = {k: v for k, v in found.items() if complete(v)}
+    if len(found) < 2:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, s in found.items():
+        rounds, exit3 = zip(*[(c[0], c[1]) for c in s["curve"]], strict=True)
+        a.plot(rounds, exit3, marker="o", lw=2.5 if name == REFERENCE[1] else 1.2,
+               color="black" if name == REFERENCE[1] else None, label=name)
+    a.set(title=f"{TUNING_SETTING}, seed {TUNING_SEED}: global exit 3", xlabel="round",
+          ylabel="accuracy")
+    a.legend(fontsize=7)
+    shown = FROZEN[0] if FROZEN and FROZEN[0] in found else next(k for k in found
+                                                                  if k != REFERENCE[1])
+    teach = found[shown]["teacher_acc"]
+    rounds = [c[0] for c in found[shown]["curve"]][-len(teach):]
+    for key, label in (("1", "tier-1 members (exit 1)"), ("2", "tier-2 members (exit 2)"),
+                       ("3", "tier-3 members (exit 3)"), ("all", "the teacher ensemble")):
+        b.plot(rounds, [t.get(key) for t in teach], marker="o", label=label)
+    b.plot(rounds, [c[1] for c in found[shown]["curve"]][-len(teach):], "k--",
+           label="global exit 3 after distillation")
+    b.set(title=f"what the teacher knew ({shown})", xlabel="round", ylabel="accuracy")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def fresh_table(runs: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     name, _ = frozen()
     ours = f"hypemefed-{name}"
@@ -231,11 +301,25 @@ def report(args: argparse.Namespace) -> None:
                               "tuning": {"setting": TUNING_SETTING, "seed": TUNING_SEED,
                                          "grid": TUNING, "base": DISTILL},
                               "frozen": FROZEN}
-    print("## tuning\n" + tuning_table(runs))
+    doc = ROOT / "docs" / "RESULTS.md"
+    tuning = tuning_table(runs)
+    if tuning.count("\n") > 1:
+        print("## tuning\n" + tuning)
+        acc.replace_section(doc, f"distill-{args.scale}-tuning", tuning)
+        img = plot_tuning(runs, ROOT / "docs" / "img" / f"distill_{args.scale}_tuning.png")
+        if img:
+            print(f"plotted {img.relative_to(ROOT)}")
+    proxies = proxy_table(runs)
+    if proxies.count("\n") > 1:
+        print("\n## proxy data\n" + proxies)
+        acc.replace_section(doc, f"distill-{args.scale}-proxy", proxies)
     if FROZEN is not None:
         table, rows = fresh_table(runs)
         result["fresh"], result["bar"] = rows, bar(rows)
-        print("\n## fresh seeds\n" + table + "\n\n" + result["bar"])
+        if rows:
+            print("\n## fresh seeds\n" + table + "\n\n" + result["bar"])
+            acc.replace_section(doc, f"distill-{args.scale}-fresh",
+                                table + "\n\n" + result["bar"])
     path = ROOT / "bench" / "results" / f"distill_{args.scale}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path.relative_to(ROOT)}")

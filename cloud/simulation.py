@@ -54,6 +54,7 @@ class Simulation:
     def __init__(self, cfg: RunConfig, out_dir: str | Path,
                  log: Callable[[str], None] = print) -> None:
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
+        self.distiller = Distiller.for_run(cfg)  # first: a missing proxy fails before the data
         data = load_dataset(cfg.model, cfg.data_dir)
         self.x, self.y = torch.from_numpy(data.x), torch.from_numpy(data.y)
         self.test = None
@@ -68,7 +69,6 @@ class Simulation:
         self.x_dev, self.y_dev = self.x.to(self.device), self.y.to(self.device)
         self.guard = ServerGuard(cfg.clip_factor, cfg.clip_window,
                                  SPECS[cfg.model].num_classes)
-        self.distiller = Distiller.for_run(cfg)
 
     def train_client(self, global_state: State, task: ClientTask, server_round: int
                      ) -> ClientUpdate:

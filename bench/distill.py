@@ -87,10 +87,13 @@ def frozen() -> tuple[str, dict[str, Any]]:
 
 
 def fresh_runs() -> list[acc.Run]:
+    """The bar's pairs (FROZEN and REFERENCE) at every seed first, then the other baselines:
+    a session cut short still leaves a verdict."""
     name, overrides = frozen()
+    pair = (("hypemefed", name, overrides), REFERENCE)
     return [acc.Run(setting, strategy, seed, variant, o)
-            for seed in FRESH_SEEDS for setting in FRESH_SETTINGS
-            for strategy, variant, o in (("hypemefed", name, overrides), *BASELINES)]
+            for group in (pair, BASELINES[1:]) for seed in FRESH_SEEDS
+            for setting in FRESH_SETTINGS for strategy, variant, o in group]
 
 
 def proxy_runs() -> list[acc.Run]:

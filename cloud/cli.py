@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from cloud.config import GENERATE, PRESETS, UNTRAINED
+from cloud.config import GENERATE, PRESETS, UNTRAINED, recipe_of
 from cloud.federation import TIER_BY
 from cloud.options import (
     distill_options,
     hypernet_switches,
+    recipe,
     resolve_flags,
     robust_options,
     server_lr,
@@ -54,6 +55,7 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 
 
 @hmf.command()
+@recipe
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="The authors' settings for svhn, stl10 or unimib (method.md).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -100,13 +102,21 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 def simulate(preset: str | None, config_file: str | None, out: str, resume: bool,
              **flags: Any) -> None:
-    """Run federated training in one process (with no flags: HAPT by subject, minutes on a CPU)."""
+    """Run federated training in one process (with no flags: HAPT by subject, minutes on a CPU).
+
+    \b
+    Recipes (--recipe), the method's open choices:
+      hmf (default): stale averaging of deep blocks + static BatchNorm, generates nothing
+      paper: HypeMeFed as published: generated convs, averaged over trainers, no static BN
+    Precedence: recipe < --preset < --config < flags.
+    """
     from cloud.simulation import Simulation
     from common.data import DataError
 
     try:
         cfg = resolve_flags(preset, config_file, flags)
-        click.echo(f"hmf simulate: {cfg.strategy} on {cfg.model}, {cfg.clients} clients, "
+        click.echo(f"hmf simulate: {cfg.strategy} ({recipe_of(cfg)}) on {cfg.model}, "
+                   f"{cfg.clients} clients, "
                    f"{cfg.participants} a round, {cfg.rounds} rounds -> {out}")
         Simulation(cfg, out, log=click.echo).run(resume=resume)
     except (ValueError, DataError, FileNotFoundError) as e:

@@ -1,7 +1,23 @@
-"""The settings of a federated run, the authors' presets, and TOML config files.
+"""The settings of a federated run, the method recipes, the authors' presets, and TOML files.
 
-Precedence, lowest first: defaults, ``--preset``, ``--config FILE.toml``, flags given explicitly.
-The defaults are the no-flag demo: HAPT by subject, small enough to finish in minutes on a CPU.
+Precedence, lowest first: RunConfig's defaults, the recipe (``--recipe``, default ``hmf``),
+``--preset``, ``--config FILE.toml``, flags given explicitly. ``resolve`` applies them; it is
+what ``hmf simulate`` and ``hmf-cloud start`` run. The data and federation defaults are the
+no-flag demo: HAPT by subject, small enough to finish in minutes on a CPU.
+
+A recipe sets the method's open choices (RECIPES):
+- ``hmf``, the default: what docs/RESULTS.md measured best ("In short", "What does win"), the
+  authors' release's stale averaging of the deep blocks (``untrained="global"``) with static
+  BatchNorm, behind the out-of-sample gate; in every measured run the gate let no generated
+  conv through, so it generates nothing. Static BatchNorm then applies to every strategy
+  (``--strategy fedavg`` is FedAvg with static BN; ``--no-static-bn`` turns it off).
+- ``paper``: HypeMeFed as published: generated convs averaged over the clients that trained or
+  generated them, no static BatchNorm (``static_bn=None``: the strategy's own default, so
+  heterofl and scalefl keep theirs).
+
+RunConfig's own field defaults are the ``paper`` recipe: a RunConfig built in code (benchmarks,
+tests) names what it changes from the method as published; bench/accuracy.py's ``hypemefed``
+rows are that, and its ``hypemefed-gate-global-sbn`` rows the ``hmf`` recipe.
 """
 
 from __future__ import annotations
@@ -21,6 +37,18 @@ GENERATE = ("convs", "convs+bn", "all", "distill")
 # generated: nothing ("skip": averaged over those that have it), or the global model's value
 UNTRAINED = ("skip", "global")
 
+# The method's open choices as named sets (module docstring); each a dict of RunConfig settings.
+RECIPES: dict[str, dict[str, Any]] = {
+    "hmf": dict(hypernet_gate=True, untrained="global", static_bn=True),
+    "paper": dict(hypernet_gate=False, untrained="skip", static_bn=None),
+}
+DEFAULT_RECIPE = "hmf"
+# one line each, for --help (the commands' docstrings hold them as text: tests/test_recipes.py)
+RECIPE_HELP = {
+    "hmf": "stale averaging of deep blocks + static BatchNorm, generates nothing",
+    "paper": "HypeMeFed as published: generated convs, averaged over trainers, no static BN",
+}
+
 
 @dataclass
 class RunConfig:
@@ -35,6 +63,8 @@ class RunConfig:
     hypernet_ridge: float = 0.03  # closed-form solve's pull towards last round's weights
     hypernet_sweeps: int = 5  # closed-form solve's alternations; 0: Adam only
     hypernet_reset: bool = False  # re-initialise the hypernetworks every round
+    # hypernet_gate, untrained and static_bn default to the "paper" recipe; the commands
+    # (resolve) default to "hmf" (RECIPES)
     hypernet_gate: bool = False  # generate only where it beats the trainers' mean out of sample
     hypernet_residual: bool = False  # map deviations from the global model, not weights
     generate: str = "convs"  # what the hypernetworks generate: convs, convs+bn or all
@@ -62,7 +92,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 5e-3
     weighting: str = "uniform"
-    static_bn: bool | None = None  # None: the strategy's default (on for heterofl only)
+    static_bn: bool | None = None  # None: the strategy's default (on for heterofl, scalefl)
     server_lr: float = 1.0  # cloud/aggregation.py server_step
     aggregation: str = "mean"  # or "median", "trimmed-mean": cloud/aggregation.py
     trim: float = 0.1  # trimmed-mean: share of each coordinate's values dropped at each end
@@ -121,8 +151,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 FIELDS = {f.name for f in fields(RunConfig)}
 
 
+def recipe_of(cfg: RunConfig) -> str:
+    """The recipe whose settings ``cfg`` has, or those settings where it has neither's."""
+    for name, settings in RECIPES.items():
+        if all(getattr(cfg, k) == v for k, v in settings.items()):
+            return f"recipe {name}"
+    return ", ".join(f"{k} {getattr(cfg, k)}" for k in RECIPES[DEFAULT_RECIPE])
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Settings from a TOML file: keys are the flag names, with '-' or '_'."""
+    """Settings from a TOML file: keys are the flag names, with '-' or '_' (``preset`` and
+    ``recipe`` too)."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -130,7 +169,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {path} is not valid TOML: {e}") from None
     settings = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(settings) - FIELDS - {"preset"})
+    unknown = sorted(set(settings) - FIELDS - {"preset", "recipe"})
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}; known: {sorted(FIELDS)}")
     return settings
@@ -138,13 +177,19 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def resolve(preset: str | None = None, config_file: str | None = None,
             overrides: dict[str, Any] | None = None,
-            defaults: dict[str, Any] | None = None) -> RunConfig:
-    """``defaults``: settings below the preset, the file and the flags (e.g. derived from a
-    fleet file), above RunConfig's own."""
-    settings: dict[str, Any] = dict(defaults or {})
+            defaults: dict[str, Any] | None = None,
+            recipe: str | None = None) -> RunConfig:
+    """The run's settings, lowest first: RunConfig's, ``recipe`` (else the file's, else
+    DEFAULT_RECIPE), ``defaults`` (e.g. derived from a fleet file), ``preset`` (else the
+    file's), the file's settings, ``overrides`` (the flags given)."""
     from_file = read_toml(config_file) if config_file else {}
-    preset = preset or from_file.pop("preset", None)
+    preset = preset or from_file.get("preset")
+    recipe = recipe or from_file.get("recipe") or DEFAULT_RECIPE
     from_file.pop("preset", None)
+    from_file.pop("recipe", None)
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    settings: dict[str, Any] = {**RECIPES[recipe], **(defaults or {})}
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

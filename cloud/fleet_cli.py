@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cloud.config import GENERATE, PRESETS, UNTRAINED, RunConfig
+from cloud.config import GENERATE, PRESETS, UNTRAINED, RunConfig, recipe_of
 from cloud.federation import TIER_BY
 from cloud.options import (
     DEFAULTS,
     distill_options,
     hypernet_switches,
+    recipe,
     resolve_flags,
     robust_options,
     server_lr,
@@ -49,6 +50,7 @@ def _auth_options(f):
 def _run_options(f):
     """The settings of ``hmf simulate`` that a fleet run uses."""
     for option in reversed([
+        recipe,
         click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                      help="The authors' settings for svhn, stl10 or unimib."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -137,7 +139,14 @@ def start(broker: str, fleet_file: str, preset: str | None, config_file: str | N
           out: str, resume: bool,
           username: str | None, password_file: str | None, tls_ca: str | None,
           tls_cert: str | None, tls_key: str | None, **flags: Any) -> None:
-    """Run federated training with real devices over MQTT (docs/PROTOCOL.md)."""
+    """Run federated training with real devices over MQTT (docs/PROTOCOL.md).
+
+    \b
+    Recipes (--recipe), the method's open choices:
+      hmf (default): stale averaging of deep blocks + static BatchNorm, generates nothing
+      paper: HypeMeFed as published: generated convs, averaged over trainers, no static BN
+    Precedence: recipe < --preset < --config < flags.
+    """
     import torch
 
     if export_quantize and not export_onnx:
@@ -161,7 +170,8 @@ def start(broker: str, fleet_file: str, preset: str | None, config_file: str | N
                             connect_timeout=connect_timeout,
                             eval_data=eval_data, export_onnx=export_onnx,
                             export_quantize=export_quantize, serve_graphs_s=serve_graphs_s)
-        click.echo(f"hmf-cloud start: {cfg.strategy} on {cfg.model}, {len(fleet.devices)} "
+        click.echo(f"hmf-cloud start: {cfg.strategy} ({recipe_of(cfg)}) on {cfg.model}, "
+                   f"{len(fleet.devices)} "
                    f"devices, {cfg.participants} a round, {cfg.rounds} rounds -> {out}")
         FleetCloud(cfg, fleet, out, settings, opts, log=click.echo,
                    client_id=settings.username or "hmf-cloud").run(resume=resume)

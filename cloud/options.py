@@ -7,9 +7,10 @@ from typing import Any
 
 import click
 
-from cloud.config import AGGREGATIONS, RunConfig, resolve
+from cloud.config import AGGREGATIONS, DEFAULT_RECIPE, RECIPES, RunConfig, resolve
 
-DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+# what a command runs when no flag, preset or file sets it: RunConfig's, under the default recipe
+DEFAULTS = {**{f.name: f.default for f in fields(RunConfig)}, **RECIPES[DEFAULT_RECIPE]}
 
 
 def setting(name: str, help_text: str, **kw: Any):
@@ -20,11 +21,18 @@ def setting(name: str, help_text: str, **kw: Any):
     return click.option(f"--{name}", default=None, help=help_text + shown, **kw)
 
 
+recipe = click.option(
+    "--recipe", type=click.Choice(list(RECIPES)), default=None,
+    help=f"The method's open choices as one set (above; --hypernet-gate, --untrained, "
+    f"--static-bn): presets, --config and flags override it. [default: {DEFAULT_RECIPE}]")
+
+
 static_bn = click.option(
     "--static-bn/--no-static-bn", default=None,
     help="Recompute BatchNorm statistics of each round's global model from participants' data "
     "(HeteroFL's static BN; in a fleet, devices compute them on their own data and upload only "
-    "statistics). [default: on for heterofl and scalefl]")
+    "statistics). [default: on (recipe hmf, every strategy); recipe paper: the strategy's own, "
+    "on for heterofl and scalefl only]")
 
 
 server_lr = click.option(
@@ -43,7 +51,7 @@ hypernet_gate = click.option(
     help="Generate a tensor only while the hypernetwork, before this round's training, predicts "
     "this round's trained weights better than both the mean of the other trainers' weights and "
     "the global model's weights do. "
-    "[default: off, as the paper]")
+    "[default: on (recipe hmf); recipe paper: off, as the paper]")
 
 
 hypernet_residual = click.option(
@@ -109,13 +117,15 @@ def distill_options(f: Any) -> Any:
 def resolve_flags(preset: str | None, config_file: str | None, flags: dict[str, Any],
                   extra: dict[str, Any] | None = None,
                   defaults: dict[str, Any] | None = None) -> RunConfig:
-    """RunConfig from --preset, --config and the flags given (None = not given); ``extra``
-    overrides them all, ``defaults`` fills what none of them sets."""
-    overrides = {k: v for k, v in flags.items() if v is not None}
+    """RunConfig from --recipe (in ``flags``), --preset, --config and the flags given (None =
+    not given); ``extra`` overrides them all, ``defaults`` fills what none of them sets (above
+    the recipe)."""
+    overrides = {k: v for k, v in flags.items() if v is not None and k != "recipe"}
     if "tier_mix" in overrides:
         try:
             overrides["tier_mix"] = tuple(float(f) for f in overrides["tier_mix"].split(","))
         except ValueError:
             raise click.BadParameter("three comma-separated fractions, e.g. 0.3,0.4,0.3",
                                      param_hint="--tier-mix") from None
-    return resolve(preset, config_file, {**overrides, **(extra or {})}, defaults)
+    return resolve(preset, config_file, {**overrides, **(extra or {})}, defaults,
+                   recipe=flags.get("recipe"))

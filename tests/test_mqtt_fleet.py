@@ -46,6 +46,16 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def method_args(cfg: RunConfig) -> list[str]:
+    """The method's recipe settings of ``cfg`` as flags: the cloud's default recipe (hmf) is not
+    RunConfig's (paper), and a fleet must run exactly the reference's settings."""
+    args = ["--recipe", "paper", "--untrained", cfg.untrained,
+            "--hypernet-gate" if cfg.hypernet_gate else "--no-hypernet-gate"]
+    if cfg.static_bn is not None:
+        args.append("--static-bn" if cfg.static_bn else "--no-static-bn")
+    return args
+
+
 class FleetRun:
     """Broker, partitioned data, a cloud and devices, all cleaned up at the end."""
 
@@ -66,7 +76,7 @@ class FleetRun:
                 "--participants", str(c.participants), "--local-epochs", str(c.local_epochs),
                 "--batch-size", str(c.batch_size), "--lr", str(c.lr),
                 "--hypernet-epochs", str(c.hypernet_epochs), "--rank", str(c.rank),
-                "--hidden", str(c.hidden), "--seed", str(c.seed),
+                "--hidden", str(c.hidden), "--seed", str(c.seed), *method_args(c),
                 "--eval-data", str(self.part / "eval.npz"), "--threads", "1",
                 "--out", str(self.out), *extra]
         self.cloud = self._spawn(tag, args)

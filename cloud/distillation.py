@@ -80,10 +80,12 @@ def load_proxy(model: str, path: str | Path | None = None, size: int = 0,
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = 200
+    """Defaults: the configuration frozen after tuning (RunConfig's distill_* defaults)."""
+
+    steps: int = 50
     lr: float = 1e-3  # Adam
-    batch: int = 128
-    temperature: float = 1.0
+    batch: int = 64
+    temperature: float = 3.0
     first_block: int = 2  # blocks (and their heads) from this one on are fine-tuned
 
     def __post_init__(self) -> None:

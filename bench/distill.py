@@ -71,6 +71,8 @@ DISTILL = dict(BASE, generate="distill", distill_steps=50, distill_batch=64, pro
 # largest mean gain at exits 2 and 3 (-1.7 and +30.1 points), -1.8 at exit 1
 FROZEN: tuple[str, dict[str, Any]] | None = ("distill-t3", dict(distill_temperature=3.0))
 PROXY_SIZES = (64, 256, 1024, 3641)  # 3641: every shipped HAPT proxy window
+# CIFAR-10's proxy: 500 official training images a class that the cpu/mid subset does not hold
+CIFAR_PROXY = ROOT / "runs" / "proxy" / "cifar10_proxy.npz"  # scripts/make_proxy.py cifar10
 NOISE_PROXY = ROOT / "runs" / "proxy" / "hapt_noise_proxy.npz"  # scripts/make_proxy.py hapt-noise
 
 
@@ -91,9 +93,18 @@ def fresh_runs() -> list[acc.Run]:
     a session cut short still leaves a verdict."""
     name, overrides = frozen()
     pair = (("hypemefed", name, overrides), REFERENCE)
-    return [acc.Run(setting, strategy, seed, variant, o)
+    return [acc.Run(setting, strategy, seed, variant, with_proxy(setting, o))
             for group in (pair, BASELINES[1:]) for seed in FRESH_SEEDS
             for setting in FRESH_SETTINGS for strategy, variant, o in group]
+
+
+def with_proxy(setting: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A distilling run on CIFAR-10 reads CIFAR_PROXY (HAPT's ships with the project)."""
+    if not (overrides.get("generate") == "distill" and setting.startswith("cifar10")):
+        return overrides
+    if not CIFAR_PROXY.is_file():
+        sys.exit(f"{CIFAR_PROXY} missing: python scripts/make_proxy.py cifar10")
+    return {**overrides, "proxy": str(CIFAR_PROXY)}
 
 
 def proxy_runs() -> list[acc.Run]:

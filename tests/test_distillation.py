@@ -110,7 +110,8 @@ def test_teacher_is_the_weighted_mean_of_each_participants_deepest_exit_in_any_o
         a.add(u, w)
     for u, w in reversed(list(zip(updates, weights, strict=True))):
         b.add(u, w)
-    torch.testing.assert_close(a.teacher(), expected, rtol=1e-5, atol=1e-7)
+    # the reference runs in the default memory layout, the ensemble in channels-last
+    torch.testing.assert_close(a.teacher(), expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(a.teacher(), b.teacher())  # arrival order changes nothing
     assert TeacherEnsemble(MODEL, x, 1.0).teacher() is None
 

@@ -147,7 +147,7 @@ def test_distill_moves_only_the_blocks_it_tunes_and_brings_them_to_the_teacher(f
     state = {k: v.clone() for k, v in build_model(MODEL).state_dict().items()}
     x = torch.randn(64, 1, 28, 28)
     teacher = F.softmax(3 * torch.randn(64, 10), dim=1)
-    cfg = DistillConfig(steps=60, lr=3e-3, batch=64, first_block=first_block)
+    cfg = DistillConfig(steps=60, lr=3e-3, batch=64, temperature=1.0, first_block=first_block)
     out, metrics = distill(MODEL, state, x, teacher, cfg, seed=1)
     tuned = ([f"blocks.{b}." for b in range(first_block - 1, 3)]
              + [f"heads.{b}." for b in range(first_block - 1, 3)])

@@ -73,7 +73,9 @@ def models(names: tuple[str, ...], as_json: bool) -> None:
          type=float)
 @setting("hypernet-sweeps", "Closed-form solve: alternations (0: Adam epochs only).", type=int)
 @hypernet_switches
-@setting("generate", "What the hypernetworks generate for shallow clients.",
+@setting("generate", "What fills the deep blocks shallow clients could not train: "
+         "hypernetwork-generated weights (convs, convs+bn, all), or distill: the "
+         "participants' predictions on proxy data, distilled into the deep exits.",
          type=click.Choice(list(GENERATE)))
 @setting("untrained", "What a shallow client adds for a deep tensor it neither trained nor got "
          "generated: nothing, or the global model's value (the authors' release).",

@@ -66,7 +66,9 @@ def _run_options(f):
                 type=float),
         setting("hypernet-sweeps", "Closed-form solve: alternations (0: Adam only).", type=int),
         hypernet_switches,
-        setting("generate", "What the hypernetworks generate.", type=click.Choice(list(GENERATE))),
+        setting("generate", "Hypernetwork-generated weights (convs, convs+bn, all), or "
+                "distill: server-side ensemble distillation on proxy data.",
+                type=click.Choice(list(GENERATE))),
         setting("untrained", "What a shallow client adds for deep tensors neither trained nor "
                 "generated.", type=click.Choice(list(UNTRAINED))),
         distill_options,

@@ -317,12 +317,20 @@ def run_all(args: argparse.Namespace) -> None:
     print(f"{len(todo)} runs to do ({here} finished in {work}, {kept} more recorded in "
           f"{record_path(args.scale).relative_to(ROOT)}: --rerun-recorded runs them again), "
           f"{args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    schedule(todo, work, args.jobs, args.threads, args.deadline_s)
+
+
+def schedule(todo: list[tuple[Run, dict[str, Any]]], work: Path, jobs: int, threads: int,
+             deadline_s: float | None = None) -> None:
+    """Runs ``todo`` ``jobs`` at a time, each in its own process resuming its checkpoint,
+    printing a line as each ends; past ``deadline_s`` every run still going is stopped."""
+    todo = list(todo)
     start, active, done = time.time(), {}, 0
-    deadline = start + args.deadline_s if args.deadline_s else None
+    deadline = start + deadline_s if deadline_s else None
     while todo or active:
-        while todo and len(active) < args.jobs:
+        while todo and len(active) < jobs:
             run, cfg = todo.pop(0)
-            active[run] = (launch(run, cfg, work / run.name, args.threads), time.time())
+            active[run] = (launch(run, cfg, work / run.name, threads), time.time())
         time.sleep(2)
         for run, (proc, began) in list(active.items()):
             if proc.poll() is not None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +110,6 @@ def proxy_runs() -> list[acc.Run]:
     """How much proxy data is needed, and what a deployment without any can use: Gaussian
     windows with the clients' per-axis statistics, or self-distillation on the devices alone."""
     name, overrides = frozen()
-    if not NOISE_PROXY.is_file():
-        sys.exit(f"{NOISE_PROXY} missing: python scripts/make_proxy.py hapt-noise")
     runs = [acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, f"{name}-proxy{n}",
                     {**overrides, "proxy_size": n}) for n in PROXY_SIZES]
     runs.append(acc.Run(TUNING_SETTING, "hypemefed", TUNING_SEED, f"{name}-noise",
@@ -124,12 +121,12 @@ def proxy_runs() -> list[acc.Run]:
 
 def run(runs: list[acc.Run], args: argparse.Namespace) -> None:
     """Like bench/accuracy.py's run: ``jobs`` at a time, each resuming its checkpoint."""
+    from cloud.config import RunConfig
+
     work = Path(args.runs) / args.scale
     cifar = acc.cifar_dir(args.scale, args.cifar_dir, work)
     wanted = args.only.split(",") if args.only else None
     todo = []
-    from cloud.config import RunConfig
-
     for r in runs:
         # every setting pinned, so that a later change of a default cannot stop a resume
         cfg = RunConfig(**acc.run_config(r, args.scale, "cpu", cifar)).to_json()
@@ -137,24 +134,7 @@ def run(runs: list[acc.Run], args: argparse.Namespace) -> None:
                 work / r.name, cfg["rounds"]):
             todo.append((r, cfg))
     print(f"{len(todo)} runs to do, {args.jobs} at a time", flush=True)
-    start, active, done = time.time(), {}, 0
-    while todo or active:
-        while todo and len(active) < args.jobs:
-            r, cfg = todo.pop(0)
-            active[r] = (acc.launch(r, cfg, work / r.name, 1), time.time())
-        time.sleep(2)
-        for r, (proc, began) in list(active.items()):
-            if proc.poll() is not None:
-                del active[r]
-                done += 1
-                status = "done" if proc.returncode == 0 else f"FAILED rc={proc.returncode}"
-                print(f"[{done}] {r.name} {status} in {time.time() - began:.0f} s: "
-                      f"{acc.last_line(work / r.name)}", flush=True)
-        if args.deadline_s and time.time() - start > args.deadline_s:
-            for r, (proc, _) in active.items():
-                proc.kill()
-                print(f"deadline: stopped {r.name} (it resumes next time)", flush=True)
-            return
+    acc.schedule(todo, work, args.jobs, 1, args.deadline_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,45 +179,47 @@ def gaps(runs: dict[str, dict[str, Any]], setting: str, a: str, b: str,
     return out
 
 
-def tuning_table(runs: dict[str, dict[str, Any]]) -> str:
+def seed0_rows(runs: dict[str, dict[str, Any]], planned: list[acc.Run],
+               label: Any) -> list[str]:
+    """One table row per finished run of ``planned`` on the tuning seed: ``label(run, summary)``
+    cells, final accuracy per exit, the gap to the reference, the distillation seconds."""
     ref = f"hypemefed-{REFERENCE[1]}"
-    lines = ["| run | exit 1 | exit 2 | exit 3 | vs reference (exit 1/2/3) | teacher acc | "
-             "distill s/round |", "|---|---|---|---|---|---|---|"]
-    for r in tuning_runs():
+    rows = []
+    for r in planned:
         s = runs.get(f"{TUNING_SETTING}/{r.strategy}-{r.variant}/s{TUNING_SEED}")
         if not complete(s):
             continue
         g = gaps(runs, TUNING_SETTING, f"{r.strategy}-{r.variant}", ref, (TUNING_SEED,))
-        fg = s["final_global"]
-        teach = s["teacher_acc"][-1]["all"] if s["teacher_acc"] else None
         cost = s["distill_s"]
-        lines.append(f"| {r.variant} | " + " | ".join(f"{100 * fg[e]:.1f}" for e in "123")
-                     + " | " + "/".join(f"{g[e]['mean']:+.1f}" for e in "123")
-                     + " | " + ("" if teach is None else f"{100 * teach:.1f}")
-                     + " | " + ("" if cost is None else f"{cost:.1f}") + " |")
-    return "\n".join(lines)
+        rows.append(f"| {r.variant} | {label(r, s)}"
+                    + " | ".join(f"{100 * s['final_global'][e]:.1f}" for e in "123")
+                    + " | " + "/".join(f"{g[e]['mean']:+.1f}" for e in "123")
+                    + " | " + ("" if cost is None else f"{cost:.1f}") + " |")
+    return rows
+
+
+def tuning_table(runs: dict[str, dict[str, Any]]) -> str:
+    def teacher(r: acc.Run, s: dict[str, Any]) -> str:
+        return f"{100 * s['teacher_acc'][-1]['all']:.1f} | " if s["teacher_acc"] else " | "
+
+    return "\n".join(["| run | teacher acc | exit 1 | exit 2 | exit 3 | vs reference (exit "
+                      "1/2/3) | distill s/round |", "|---|---|---|---|---|---|---|",
+                      *seed0_rows(runs, tuning_runs(), teacher)])
 
 
 def proxy_table(runs: dict[str, dict[str, Any]]) -> str:
     """The proxy curve and the no-proxy options, against the reference on the tuning seed."""
     if FROZEN is None:
         return ""
-    ref = f"hypemefed-{REFERENCE[1]}"
-    lines = ["| run | proxy | exit 1 | exit 2 | exit 3 | vs reference (exit 1/2/3) | "
-             "distill s/round |", "|---|---|---|---|---|---|---|"]
-    for r in proxy_runs():
-        s = runs.get(f"{TUNING_SETTING}/{r.strategy}-{r.variant}/s{TUNING_SEED}")
-        if not complete(s):
-            continue
-        g = gaps(runs, TUNING_SETTING, f"{r.strategy}-{r.variant}", ref, (TUNING_SEED,))
-        proxy = ("none" if "local" in r.variant else "Gaussian" if "noise" in r.variant
-                 else str(r.overrides["proxy_size"]))
-        cost = s["distill_s"]
-        lines.append(f"| {r.variant} | {proxy} | "
-                     + " | ".join(f"{100 * s['final_global'][e]:.1f}" for e in "123")
-                     + " | " + "/".join(f"{g[e]['mean']:+.1f}" for e in "123")
-                     + " | " + ("" if cost is None else f"{cost:.1f}") + " |")
-    return "\n".join(lines)
+
+    def proxy(r: acc.Run, s: dict[str, Any]) -> str:
+        kind = ("none" if "local" in r.variant else "Gaussian" if "noise" in r.variant
+                else str(r.overrides["proxy_size"]))
+        return kind + " | "
+
+    return "\n".join(["| run | proxy | exit 1 | exit 2 | exit 3 | vs reference (exit 1/2/3) | "
+                      "distill s/round |", "|---|---|---|---|---|---|---|",
+                      *seed0_rows(runs, proxy_runs(), proxy)])
 
 
 def plot_tuning(runs: dict[str, dict[str, Any]], out: Path) -> Path | None:
@@ -352,6 +334,8 @@ def main() -> None:
             c.add_argument("--cifar-dir")
             c.add_argument("--deadline-s", type=float)
     args = p.parse_args()
+    if args.cmd == "proxy" and not NOISE_PROXY.is_file():
+        sys.exit(f"{NOISE_PROXY} missing: python scripts/make_proxy.py hapt-noise")
     if args.cmd == "report":
         report(args)
     else:

@@ -21,7 +21,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> None
     panels = [("global", str(e), f"global test, exit {e}") for e in range(1, NUM_BLOCKS + 1)]
     panels.append(("local_mean", None, "mean local test (deepest exit)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True)
-    for run_dir in run_dirs:
+    for i, run_dir in enumerate(run_dirs):
         rows = [r for r in read_metrics(run_dir) if r.get("acc")]
         if not rows:
             raise ValueError(f"{run_dir} has no evaluated rounds in metrics.jsonl")
@@ -30,7 +30,8 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> None
                       for r in rows]
             points = [(x, y) for x, y in points if y is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), label=run_label(run_dir))
+                # one colour per run in every panel, even where another run has no points
+                ax.plot(*zip(*points, strict=True), label=run_label(run_dir), color=f"C{i % 10}")
     for ax, (_, _, name) in zip(axes, panels, strict=True):
         ax.set_title(name)
         ax.set_xlabel("round")

@@ -64,6 +64,9 @@ TUNING: dict[str, dict[str, Any]] = {
     "distill-from1": dict(distill_from=1),
     "distill-depthfl": dict(local_distill=True),
     "distill-proxy256": dict(proxy_size=256),
+    # round 2, added after fresh seed 3 showed exit 2 losing everywhere (docs/RESULTS.md): not
+    # a candidate of the first choice (FROZEN); if chosen, it is judged on seeds 6-8
+    "distill-t3-from3": dict(distill_temperature=3.0, distill_from=3),
 }
 DISTILL = dict(BASE, generate="distill", distill_steps=50, distill_batch=64, proxy_size=1024)
 # (name, overrides), chosen by the rule above from the tuning table (docs/RESULTS.md): the

@@ -13,17 +13,13 @@ from cloud.runlog import read_metrics
 DISTILL = dict(generate="distill", untrained="global", distill_steps=5, proxy_size=64)
 
 
-def test_distilling_fleet_equals_hmf_simulate(tiny_hapt, tmp_path, fleet_run):
+def test_distilling_fleet_equals_hmf_simulate(tiny_hapt, tmp_path, fleet_run):  # noqa: F811
     cfg = config(tiny_hapt, clients=3, participants=3, rounds=1, **DISTILL)
     reference = simulate(cfg, tmp_path / "sim")
     run = fleet_run(cfg)
-    cloud = run.start_cloud("--min-updates", "3", "--round-timeout", "120",
-                            "--generate", "distill", "--untrained", "global",
-                            "--distill-steps", "5", "--proxy-size", "64")
-    devices = [run.start_device(d.id) for d in run.fleet.devices]
-    assert cloud.wait(150) == 0, cloud.text()
-    for d in devices:
-        assert d.wait(20) == 0
+    run.all_devices_to_the_end(run.start_cloud(
+        "--min-updates", "3", "--round-timeout", "120", "--generate", "distill",
+        "--untrained", "global", "--distill-steps", "5", "--proxy-size", "64"))
     _, state, _ = load_checkpoint(run.out)
     assert max_diff(state, reference) <= 1e-6
     (row,), (sim_row,) = read_metrics(run.out), read_metrics(tmp_path / "sim")

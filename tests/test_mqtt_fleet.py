@@ -93,6 +93,13 @@ class FleetRun:
         self.procs.append(proc)
         return proc
 
+    def all_devices_to_the_end(self, cloud: Proc) -> None:
+        """Every fleet device joins; the cloud finishes the run and every device leaves."""
+        devices = [self.start_device(d.id) for d in self.fleet.devices]
+        assert cloud.wait(150) == 0, cloud.text()
+        for d in devices:
+            assert d.wait(20) == 0
+
     def close(self) -> None:
         for proc in self.procs:
             proc.stop()
@@ -154,11 +161,8 @@ def test_depthfl_devices_train_the_simulators_distillation_loss(tiny_hapt, tmp_p
                  server_lr=0.5)
     reference = simulate(cfg, tmp_path / "sim")
     run = fleet_run(cfg)
-    cloud = run.start_cloud("--min-updates", "3", "--round-timeout", "120", "--server-lr", "0.5")
-    devices = [run.start_device(d.id) for d in run.fleet.devices]
-    assert cloud.wait(150) == 0, cloud.text()
-    for d in devices:
-        assert d.wait(20) == 0
+    run.all_devices_to_the_end(
+        run.start_cloud("--min-updates", "3", "--round-timeout", "120", "--server-lr", "0.5"))
     _, state, _ = load_checkpoint(run.out)
     assert max_diff(state, reference) <= 1e-6
     (row,), (sim_row,) = read_metrics(run.out), read_metrics(tmp_path / "sim")
